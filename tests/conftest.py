@@ -1,0 +1,51 @@
+"""Shared test set-up: 8 simulated CPU devices, highest matmul precision, fixture access."""
+
+import os
+
+# Must happen before JAX initialises its backends (DESIGN.md: tests run on 8 simulated CPU devices).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(os.environ.get("EDM_JAX_FIXTURES", _REPO.parent / "shared" / "fixtures"))
+
+
+def load_fixture(name):
+    """Return the named `../shared/fixtures` npz as a dict; strings decoded, `config` parsed as JSON."""
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.fail(f"fixture {path} is missing: tests need ../shared/fixtures beside the repo "
+                    "(or EDM_JAX_FIXTURES pointing at it)")
+    with np.load(path) as z:
+        out = {}
+        for key in z.files:
+            value = z[key]
+            out[key] = str(value) if value.dtype.kind == "U" else value
+    for key in list(out):
+        if key == "config" or key.endswith("/kwargs"):
+            out[key] = json.loads(out[key])
+    return out
+
+
+def rel_err(a, b):
+    """Relative L2 error ‖a − b‖ / ‖b‖ in float64."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def nchw_to_nhwc(x):
+    return np.transpose(np.asarray(x), (0, 2, 3, 1))
+
+
+def nhwc_to_nchw(x):
+    return np.transpose(np.asarray(x), (0, 3, 1, 2))
