@@ -1,0 +1,52 @@
+"""The command line: workdir naming, modes not built yet, and one-sentence errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import main  # noqa: E402
+
+
+@pytest.mark.parametrize("arg, name", [("configs/cifar10_edm.py", "cifar10_edm"),
+                                       ("configs/cifar10_edm.py:cond", "cifar10_edm_cond"),
+                                       (None, "default")])
+def test_default_workdir_is_named_after_the_config(arg, name):
+    assert main.config_name(arg) == name
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_unbuilt_mode_says_so_in_one_line(tmp_path):
+    config = tmp_path / "tiny.py"
+    config.write_text("import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict()\n")
+    done = _run(f"--config={config}", "--mode=eval")
+    assert done.returncode == 2
+    lines = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+    assert lines == ["error: --mode=eval is not implemented yet in this version of edm-jax (see README.md, 'Status')"]
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_config_is_a_clear_error():
+    done = _run("--mode=train")
+    assert done.returncode == 2 and "needs --config=configs/<name>.py" in done.stderr
+    done = _run("--config=configs/no_such_preset.py", "--mode=train")
+    assert done.returncode == 2 and "config file configs/no_such_preset.py not found" in done.stderr
+
+
+def test_convert_needs_a_checkpoint():
+    done = _run("--mode=convert", "--workdir=/tmp/x")
+    assert done.returncode == 2 and "--mode=convert needs --checkpoint=PATH.pkl" in done.stderr
+
+
+def test_corrupt_pickle_is_one_sentence(tmp_path):
+    bad = tmp_path / "junk.pkl"
+    bad.write_bytes(b"\x80\x04not really a pickle")
+    done = _run("--mode=convert", f"--checkpoint={bad}", f"--workdir={tmp_path / 'out'}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "junk.pkl" in done.stderr
