@@ -29,7 +29,7 @@ def load_fixture(name):
         out = {}
         for key in z.files:
             value = z[key]
-            out[key] = str(value) if value.dtype.kind == "U" else value
+            out[key] = str(value) if value.dtype.kind == "U" and value.ndim == 0 else value
     for key in list(out):
         if key == "config" or key.endswith("/kwargs"):
             out[key] = json.loads(out[key])
