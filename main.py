@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pickle
 import sys
 
 from absl import app, flags, logging
@@ -25,8 +26,29 @@ config_flags.DEFINE_config_file("config", None, "Path to an ml_collections confi
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-flags.DEFINE_string("checkpoint", None, "--mode=convert: a reference snapshot pickle (network-snapshot-*.pkl, "
-                    "edm-*.pkl) to convert into an orbax checkpoint in --workdir.")
+flags.DEFINE_string("checkpoint", None, "A reference snapshot pickle (network-snapshot-*.pkl, edm-*.pkl): "
+                    "--mode=convert converts it into --workdir; --mode=sample samples from it directly.")
+
+# --mode=sample (edm_jax.generate). Sampler flags left unset keep the paper's per-dataset settings.
+flags.DEFINE_string("seeds", "0-63", "Seeds to sample, e.g. 0-49999 or 0-9,20.")
+flags.DEFINE_integer("batch", 64, "Global batch (all devices of all hosts together).")
+flags.DEFINE_string("outdir", None, "Output folder; default <workdir>/samples.")
+flags.DEFINE_enum("format", "png", ["png", "npz"], "One PNG per seed (subfolders of 1000) or one npz.")
+flags.DEFINE_boolean("subdirs", True, "PNGs in subfolders of 1000 seeds (000000/000123.png).")
+flags.DEFINE_integer("class", None, "Class label for conditional models; default: random, drawn from the seed.")
+flags.DEFINE_integer("base_seed", 0, "Root of the per-seed keys (image s uses fold_in(key(base_seed), s)).")
+flags.DEFINE_integer("steps", None, "Sampler steps N (NFE = 2N - 1 for Heun).")
+flags.DEFINE_float("sigma_min", None, "Lowest noise level.")
+flags.DEFINE_float("sigma_max", None, "Highest noise level.")
+flags.DEFINE_float("rho", None, "Time-step exponent (Eq. 5).")
+flags.DEFINE_float("S_churn", None, "Stochasticity strength (Algorithm 2).")
+flags.DEFINE_float("S_min", None, "Churn only for sigma >= S_min.")
+flags.DEFINE_float("S_max", None, "Churn only for sigma <= S_max.")
+flags.DEFINE_float("S_noise", None, "Noise inflation of the churn noise.")
+flags.DEFINE_enum("solver", None, ["euler", "heun"], "Ablation sampler: ODE solver.")
+flags.DEFINE_enum("disc", None, ["vp", "ve", "iddpm", "edm"], "Ablation sampler: time-step discretisation.")
+flags.DEFINE_enum("schedule", None, ["vp", "ve", "linear"], "Ablation sampler: noise schedule sigma(t).")
+flags.DEFINE_enum("scaling", None, ["vp", "none"], "Ablation sampler: signal scaling s(t).")
 
 
 def config_name(config_arg: str | None) -> str:
@@ -44,6 +66,38 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _sample(workdir):
+    """--mode=sample: images for --seeds from --checkpoint (a reference .pkl) or --workdir, sharded over all
+    devices of all hosts; reruns skip seeds already written."""
+    from edm_jax import generate
+
+    if FLAGS.checkpoint is None and workdir is None:
+        raise ValueError("--mode=sample needs --checkpoint=PATH.pkl or --workdir=DIR (a training or converted run)")
+    model = generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint)
+    dataset = (model.config.get("dataset") or {}).get("path") if isinstance(model.config.get("dataset"), dict) else None
+    # The paper's settings by resolution; ImageNet-64 has its own stochastic ones (recognised by name).
+    hint = dataset if dataset and "imagenet" in str(dataset).lower() else None
+    try:
+        settings = generate.settings_for(model.image_shape[0], hint)
+    except ValueError:  # a resolution the paper has no preset for: its CIFAR-10 settings, said out loud
+        settings = generate.SamplerSettings()
+        print(f"note: no paper sampler preset for {model.image_shape[0]}x{model.image_shape[0]} images; "
+              "using the CIFAR-10 settings (18 Heun steps) unless flags say otherwise", flush=True)
+    settings = settings.override(
+        num_steps=FLAGS.steps, sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho,
+        S_churn=FLAGS.S_churn, S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise, solver=FLAGS.solver,
+        discretization=FLAGS.disc, schedule=FLAGS.schedule, scaling=FLAGS.scaling).clamp_to(model.precond)
+    sample_fn = generate.make_sample_fn(model.denoise, image_shape=model.image_shape, label_dim=model.label_dim,
+                                        settings=settings, mesh=generate.make_mesh(), class_idx=FLAGS["class"].value,
+                                        precond=model.precond)
+    outdir = FLAGS.outdir or os.path.join(workdir or ".", "samples")
+    print(f"sampling seeds {FLAGS.seeds} with {settings} -> {outdir}", flush=True)
+    summary = generate.generate(sample_fn, generate.parse_seeds(FLAGS.seeds), batch=FLAGS.batch, outdir=outdir,
+                                fmt=FLAGS.format, subdirs=FLAGS.subdirs, base_seed=FLAGS.base_seed)
+    print(f"wrote {summary.written} images, skipped {summary.skipped} already there, in {summary.seconds:.1f} s "
+          f"-> {outdir}", flush=True)
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --mode=train")
@@ -55,13 +109,18 @@ def main(argv):
             _fail("--mode=convert needs --checkpoint=PATH.pkl (a reference snapshot) and --workdir=DIR")
         if not FLAGS.workdir:
             _fail("--mode=convert needs --workdir=DIR: the folder that will hold the converted checkpoint")
-        import pickle
-
         from edm_jax import convert  # heavy imports only for the mode that needs them
 
         try:
             convert.convert_snapshot(FLAGS.checkpoint, FLAGS.workdir)
         except (OSError, ValueError, pickle.UnpicklingError) as e:  # incl. unsafe or corrupt pickles
+            _fail(str(e))
+        return
+
+    if FLAGS.mode == "sample":
+        try:
+            _sample(FLAGS.workdir or (os.path.join("runs", config_name(config_arg)) if config_arg else None))
+        except (OSError, ValueError, NotImplementedError, pickle.UnpicklingError) as e:
             _fail(str(e))
         return
 

@@ -50,3 +50,16 @@ def test_corrupt_pickle_is_one_sentence(tmp_path):
     bad.write_bytes(b"\x80\x04not really a pickle")
     done = _run("--mode=convert", f"--checkpoint={bad}", f"--workdir={tmp_path / 'out'}")
     assert done.returncode == 2 and "Traceback" not in done.stderr and "junk.pkl" in done.stderr
+
+
+def test_sample_from_a_reference_snapshot_and_resume(tmp_path):
+    out = tmp_path / "samples"
+    args = ["--mode=sample", f"--checkpoint={os.path.dirname(REPO)}/shared/fixtures/snapshot_small.pkl",
+            "--seeds=0-4", "--batch=4", "--steps=3", f"--outdir={out}"]
+    done = _run(*args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pngs = sorted(p.name for p in (out / "000000").iterdir())
+    assert pngs == [f"{s:06d}.png" for s in range(5)] and (out / "grid.png").exists()
+    assert "no paper sampler preset for 8x8" in done.stdout  # the fallback is announced, not silent
+    again = _run(*args)
+    assert again.returncode == 0 and "wrote 0 images, skipped 5 already there" in again.stdout
