@@ -50,6 +50,18 @@ flags.DEFINE_enum("disc", None, ["vp", "ve", "iddpm", "edm"], "Ablation sampler:
 flags.DEFINE_enum("schedule", None, ["vp", "ve", "linear"], "Ablation sampler: noise schedule sigma(t).")
 flags.DEFINE_enum("scaling", None, ["vp", "none"], "Ablation sampler: signal scaling s(t).")
 
+# --mode=eval (edm_jax.evaluate): FID of --images, or of the model in --checkpoint/--workdir sampled on the
+# fly; or, with --ref_out, the reference statistics of --data.
+flags.DEFINE_string("images", None, "A sample folder (PNGs) or npz (--format=npz output) to evaluate.")
+flags.DEFINE_string("ref", None, "Reference statistics: an npz with mu and sigma (the published fid-refs format).")
+flags.DEFINE_string("ref_out", None, "Write the reference statistics of --data to this npz instead of scoring.")
+flags.DEFINE_string("data", None, "Dataset for --ref_out: a reference-format zip or folder, or tfds:<name>.")
+flags.DEFINE_string("inception", None, "pt_inception-2015-12-05-6726825d.pth; default $EDM_JAX_INCEPTION_WEIGHTS "
+                    "or ~/.cache/edm_jax/.")
+flags.DEFINE_integer("num", 50000, "Images per FID when sampling a model (seeds 0..num-1 unless --seeds is given).")
+flags.DEFINE_enum("protocol", "single", ["single", "paper"], "paper: three seed ranges of --num, report each and "
+                  "the minimum (Karras et al. 2022).")
+
 
 def config_name(config_arg: str | None) -> str:
     """runs/<name> for `configs/cifar10_edm.py:cond` is `cifar10_edm_cond`."""
@@ -66,13 +78,12 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _sample(workdir):
-    """--mode=sample: images for --seeds from --checkpoint (a reference .pkl) or --workdir, sharded over all
-    devices of all hosts; reruns skip seeds already written."""
+def _sample_fn(workdir):
+    """The sharded sample function of the model in --checkpoint or --workdir, with the sampler flags applied."""
     from edm_jax import generate
 
     if FLAGS.checkpoint is None and workdir is None:
-        raise ValueError("--mode=sample needs --checkpoint=PATH.pkl or --workdir=DIR (a training or converted run)")
+        raise ValueError(f"--mode={FLAGS.mode} needs --checkpoint=PATH.pkl or --workdir=DIR (a training or converted run)")
     model = generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint)
     dataset = (model.config.get("dataset") or {}).get("path") if isinstance(model.config.get("dataset"), dict) else None
     # The paper's settings by resolution; ImageNet-64 has its own stochastic ones (recognised by name).
@@ -90,12 +101,67 @@ def _sample(workdir):
     sample_fn = generate.make_sample_fn(model.denoise, image_shape=model.image_shape, label_dim=model.label_dim,
                                         settings=settings, mesh=generate.make_mesh(), class_idx=FLAGS["class"].value,
                                         precond=model.precond)
+    return sample_fn, settings
+
+
+def _sample(workdir):
+    """--mode=sample: images for --seeds from --checkpoint (a reference .pkl) or --workdir, sharded over all
+    devices of all hosts; reruns skip seeds already written."""
+    from edm_jax import generate
+
+    sample_fn, settings = _sample_fn(workdir)
     outdir = FLAGS.outdir or os.path.join(workdir or ".", "samples")
     print(f"sampling seeds {FLAGS.seeds} with {settings} -> {outdir}", flush=True)
     summary = generate.generate(sample_fn, generate.parse_seeds(FLAGS.seeds), batch=FLAGS.batch, outdir=outdir,
                                 fmt=FLAGS.format, subdirs=FLAGS.subdirs, base_seed=FLAGS.base_seed)
     print(f"wrote {summary.written} images, skipped {summary.skipped} already there, in {summary.seconds:.1f} s "
           f"-> {outdir}", flush=True)
+
+
+def _evaluate(workdir):
+    """--mode=eval: reference statistics (--ref_out), or FID of --images or of a model against --ref."""
+    import json
+
+    from edm_jax import data, evaluate, fid, generate
+
+    inception = fid.load_inception_weights(FLAGS.inception)
+    mesh = generate.make_mesh()
+    if FLAGS.ref_out:
+        if not FLAGS.data:
+            raise ValueError("--ref_out needs --data=PATH (a reference-format zip or folder, or tfds:<name>)")
+        if FLAGS.data.startswith("tfds:"):
+            dataset = data.load_dataset(source="tfds", tfds_name=FLAGS.data[len("tfds:"):])
+        else:
+            dataset = data.load_dataset(source="auto", path=FLAGS.data, use_labels=False)
+        mu, sigma = evaluate.reference_stats_of_dataset(dataset, inception, FLAGS.batch, mesh=mesh)
+        fid.save_reference_stats(FLAGS.ref_out, mu, sigma)
+        print(f"reference statistics of {len(dataset.images)} images of {FLAGS.data} -> {FLAGS.ref_out}")
+        return
+    if not FLAGS.ref:
+        raise ValueError("--mode=eval needs --ref=STATS.npz (mu/sigma, e.g. a published fid-refs file), "
+                         "or --ref_out with --data to make one")
+    if FLAGS.images:
+        images = evaluate.load_images(FLAGS.images)
+        score = evaluate.fid_against(*evaluate.stats_of_images(images, inception, FLAGS.batch, mesh=mesh), FLAGS.ref)
+        print(f"FID {score:.4f} of {len(images)} images in {FLAGS.images} against {FLAGS.ref}")
+        return
+    sample_fn, settings = _sample_fn(workdir)
+    if FLAGS.protocol == "paper":
+        ranges = evaluate.paper_seed_ranges(FLAGS.num)
+    else:
+        ranges = [generate.parse_seeds(FLAGS.seeds) if FLAGS["seeds"].present else range(FLAGS.num)]
+    scores = []
+    for seeds in ranges:
+        mu, sigma = evaluate.stats_of_model(sample_fn, seeds, inception, batch=FLAGS.batch,
+                                            base_seed=FLAGS.base_seed, mesh=mesh)
+        scores.append(evaluate.fid_against(mu, sigma, FLAGS.ref))
+        print(f"FID {scores[-1]:.4f} for seeds {seeds[0]}-{seeds[-1]}", flush=True)
+    result = {"fid": scores, "min": min(scores), "num": len(ranges[0]), "protocol": FLAGS.protocol,
+              "ref": FLAGS.ref, "settings": str(settings), "checkpoint": FLAGS.checkpoint, "workdir": workdir}
+    print(f"FID min {result['min']:.4f} over {len(scores)} seed range(s)")
+    if workdir and os.path.isdir(workdir):
+        with open(os.path.join(workdir, "fid.jsonl"), "a") as f:
+            f.write(json.dumps(result) + "\n")
 
 
 def main(argv):
@@ -117,9 +183,10 @@ def main(argv):
             _fail(str(e))
         return
 
-    if FLAGS.mode == "sample":
+    if FLAGS.mode in ("sample", "eval"):
+        run = _sample if FLAGS.mode == "sample" else _evaluate
         try:
-            _sample(FLAGS.workdir or (os.path.join("runs", config_name(config_arg)) if config_arg else None))
+            run(FLAGS.workdir or (os.path.join("runs", config_name(config_arg)) if config_arg else None))
         except (OSError, ValueError, NotImplementedError, pickle.UnpicklingError) as e:
             _fail(str(e))
         return
@@ -134,9 +201,6 @@ def main(argv):
         from edm_jax import train
 
         train.train_and_evaluate(FLAGS.config, workdir)
-        return
-    # Modes whose code has not landed yet: say so plainly instead of failing somewhere deep inside.
-    _fail(f"--mode={FLAGS.mode} is not implemented yet in this version of edm-jax (see README.md, 'Status')")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,12 @@ def _run(*args):
     return subprocess.run([sys.executable, "main.py", *args], capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
-def test_unbuilt_mode_says_so_in_one_line(tmp_path):
-    config = tmp_path / "tiny.py"
-    config.write_text("import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict()\n")
-    done = _run(f"--config={config}", "--mode=eval")
-    assert done.returncode == 2
-    lines = [l for l in done.stderr.splitlines() if l.startswith("error:")]
-    assert lines == ["error: --mode=eval is not implemented yet in this version of edm-jax (see README.md, 'Status')"]
-    assert "Traceback" not in done.stderr
+def test_eval_without_inception_weights_is_one_sentence(tmp_path):
+    done = _run("--mode=eval", f"--images={tmp_path}", f"--ref={tmp_path / 'ref.npz'}",
+                f"--inception={tmp_path / 'pt_inception.pth'}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    error = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+    assert len(error) == 1 and "never downloads anything" in error[0] and "pt_inception.pth" in error[0]
 
 
 def test_missing_config_is_a_clear_error():
