@@ -1,4 +1,5 @@
-"""The EDM networks in flax.linen, NHWC: SongUNet (DDPM++ / NCSN++) and DhariwalUNet (ADM).
+"""The EDM networks in flax.linen, NHWC: SongUNet (DDPM++ / NCSN++), DhariwalUNet (ADM), and ADM's
+noise-aware classifier EncoderUNet (for classifier guidance, `edm_jax.guidance`).
 
 Both are ports of NVlabs/edm `training/networks.py` with the reference's constructor keywords and
 defaults, plus `dtype` (compute dtype, float32 or bfloat16; parameters stay float32).
@@ -12,8 +13,9 @@ The `buffers` collection holds non-trainable state (the NCSN++ Fourier frequenci
 `apply` unchanged and keep it out of the optimizer. Reference weights: `edm_jax.convert`.
 """
 
+from edm_jax.networks.classifier import EncoderUNet
 from edm_jax.networks.dhariwal_unet import DhariwalUNet
 from edm_jax.networks.layers import UNetBlock
 from edm_jax.networks.song_unet import SongUNet
 
-__all__ = ["SongUNet", "DhariwalUNet", "UNetBlock"]
+__all__ = ["SongUNet", "DhariwalUNet", "EncoderUNet", "UNetBlock"]
