@@ -36,6 +36,8 @@ flags.DEFINE_string("outdir", None, "Output folder; default <workdir>/samples.")
 flags.DEFINE_enum("format", "png", ["png", "npz"], "One PNG per seed (subfolders of 1000) or one npz.")
 flags.DEFINE_boolean("subdirs", True, "PNGs in subfolders of 1000 seeds (000000/000123.png).")
 flags.DEFINE_integer("class", None, "Class label for conditional models; default: random, drawn from the seed.")
+flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w: D = (1 + w) D(x; y) - w D(x; no label), "
+                   "for class-conditional models trained with label_dropout > 0.")
 flags.DEFINE_integer("base_seed", 0, "Root of the per-seed keys (image s uses fold_in(key(base_seed), s)).")
 flags.DEFINE_integer("steps", None, "Sampler steps N (NFE = 2N - 1 for Heun).")
 flags.DEFINE_float("sigma_min", None, "Lowest noise level.")
@@ -98,10 +100,31 @@ def _sample_fn(workdir):
         num_steps=FLAGS.steps, sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho,
         S_churn=FLAGS.S_churn, S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise, solver=FLAGS.solver,
         discretization=FLAGS.disc, schedule=FLAGS.schedule, scaling=FLAGS.scaling).clamp_to(model.precond)
-    sample_fn = generate.make_sample_fn(model.denoise, image_shape=model.image_shape, label_dim=model.label_dim,
+    denoise = model.denoise
+    if FLAGS.guidance:
+        denoise = _with_classifier_free_guidance(model, FLAGS.guidance)
+    sample_fn = generate.make_sample_fn(denoise, image_shape=model.image_shape, label_dim=model.label_dim,
                                         settings=settings, mesh=generate.make_mesh(), class_idx=FLAGS["class"].value,
                                         precond=model.precond)
     return sample_fn, settings
+
+
+def _with_classifier_free_guidance(model, w):
+    """The model's denoiser wrapped in classifier-free guidance, its parameters still a jit argument."""
+    from edm_jax import generate, guidance
+
+    if model.label_dim == 0:
+        raise ValueError("--guidance needs a class-conditional model; this one has no class labels")
+    # Reference pickles record only the kwargs that were passed: a missing label_dropout is its default, 0.
+    if not (model.config.get("network") or {}).get("label_dropout", 0):
+        raise ValueError("--guidance needs a model trained with label_dropout > 0 (its unconditional mode); "
+                         "this one was trained with label_dropout=0")
+    inner = model.denoise.apply
+
+    def guided(params, x, sigma, class_labels):
+        return guidance.classifier_free(lambda x, s, y: inner(params, x, s, y), w, model.label_dim)(x, sigma, class_labels)
+
+    return generate.BoundDenoiser(guided, model.denoise.params)
 
 
 def _sample(workdir):

@@ -61,3 +61,26 @@ def test_sample_from_a_reference_snapshot_and_resume(tmp_path):
     assert "no paper sampler preset for 8x8" in done.stdout  # the fallback is announced, not silent
     again = _run(*args)
     assert again.returncode == 0 and "wrote 0 images, skipped 5 already there" in again.stdout
+
+
+def test_classifier_free_guidance_flag(tmp_path):
+    """--guidance refuses models without an unconditional mode; w = 0 is the unguided sampler, w > 0 is not."""
+    snapshot = f"{os.path.dirname(REPO)}/shared/fixtures/snapshot_small.pkl"
+    common = ["--mode=sample", "--seeds=0-3", "--batch=4", "--steps=3", "--class=2"]
+    refused = _run(*common, f"--checkpoint={snapshot}", f"--outdir={tmp_path / 'x'}", "--guidance=1")
+    assert refused.returncode == 2 and "trained with label_dropout=0" in refused.stderr
+    # The same weights, declared as trained with label dropout (converted run with its config edited).
+    import json
+    work = tmp_path / "run"
+    assert _run("--mode=convert", f"--checkpoint={snapshot}", f"--workdir={work}").returncode == 0
+    config = json.loads((work / "converted_config.json").read_text())
+    config["network"]["label_dropout"] = 0.1
+    (work / "converted_config.json").write_text(json.dumps(config))
+    outputs = {}
+    for w in ("0", "2"):
+        done = _run(*common, f"--workdir={work}", f"--outdir={tmp_path / w}", f"--guidance={w}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[w] = (tmp_path / w / "000000" / "000001.png").read_bytes()
+    plain = _run(*common, f"--workdir={work}", f"--outdir={tmp_path / 'plain'}")
+    assert (tmp_path / "plain" / "000000" / "000001.png").read_bytes() == outputs["0"]
+    assert outputs["2"] != outputs["0"]
