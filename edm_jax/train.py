@@ -1,0 +1,695 @@
+"""Training: train state, the pure train step, sharding over a device mesh, and the training loop.
+
+Reference: NVlabs/edm `train.py` and `training/training_loop.py` (Karras et al. 2022, Appendix F.1 and
+Table 7); see `../shared/reference/edm_reference_notes.md` §4. One step, for a global batch of B images:
+
+    σ, n ~ p_train per example; y ← augment(y) (non-leaky, p > 0 only)
+    L = loss_scaling / B · Σ_examples Σ_pixels λ(σ) ‖D(y + σn; σ) − y‖²          (Eq. 8, summed, not averaged)
+    g = nan_to_num(∇L, nan=0, posinf=1e5, neginf=−1e5)                           (no norm clipping)
+    θ ← Adam(θ, g; lr = lr_base · min(nimg / rampup_img, 1), β₁ 0.9, β₂ 0.999, ε 1e-8)
+    θ_ema ← θ + β (θ_ema − θ),  β = 0.5^(B / max(min(halflife, 0.05 · nimg), 1e-8))
+
+where nimg is the number of images seen *before* this step, so lr = 0 and β = 0 on the very first step, as
+in the reference. Loss scaling is not undone before Adam, as in the reference (it divides Adam's ε by it).
+
+Randomness (DESIGN.md): the per-step key is `fold_in(base_key, state.step)` — done inside the step, so
+the caller passes the run's base key unchanged every step, and a resumed run draws exactly what an
+uninterrupted one does. Example i of the global batch gets `fold_in(step_key, i)`, and its σ, noise,
+augmentation and dropout masks all derive from that key only (the network is vmapped over examples so each
+example has its own dropout key). A step therefore computes the same numbers on 1 device or 8 and with or
+without gradient accumulation, up to the order of floating-point sums.
+
+Parallelism: one `Mesh` over all devices (axis 'data'); the batch is sharded along 'data', the train
+state replicated; the step is `jax.jit`-ed with explicit in/out shardings and the state donated. Gradient
+accumulation (the reference's `--batch-gpu`) is a `lax.scan` over micro-batches inside the same step.
+Costs to know: the per-example vmap makes the step ~1.5x slower to compile (not to run); XLA all-reduces
+the gradient of every accumulation round (the reference syncs only the last one).
+
+The loop (`train_and_evaluate`) is the only part that reads a config; it adds data, checkpoints
+(edm_jax/checkpoint.py), ticks, logs and sample grids around the pieces above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from edm_jax import augment as augment_lib
+from edm_jax.losses import LOSSES
+
+__all__ = [
+    "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
+    "plan_batch", "make_mesh", "shard_batch", "compile_train_step", "maybe_initialize_distributed",
+    "build_network", "make_grid_sampler", "save_image_grid", "train_and_evaluate",
+]
+
+AUGMENT_DIM = 9  # width of the augmentation labels (edm_jax.augment)
+_SAMPLE_AUGMENT_KEYS = ("xflip", "yflip", "scale", "rotate_frac", "aniso", "translate_frac", "aniso_rotate_prob",
+                        "rotate_frac_max")
+_APPLY_AUGMENT_KEYS = ("scale_std", "aniso_std", "translate_frac_std")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedules (training_loop.py): learning-rate ramp-up and EMA decay.
+
+def learning_rate(nimg, base_lr, rampup_img):
+    """Linear warm-up with no decay: lr = base_lr · min(nimg / max(rampup_img, 1e-8), 1).
+
+    `nimg` is the number of training images seen before the step (a scalar, Python or jnp); lr is 0 at
+    nimg = 0 even with no ramp-up, exactly as the reference. CIFAR-10: base 1e-3 over 10 Mimg. float32.
+    """
+    nimg = jnp.asarray(nimg, jnp.float32)
+    return base_lr * jnp.minimum(nimg / max(float(rampup_img), 1e-8), 1.0)
+
+
+def ema_beta(nimg, batch_size, halflife_img, rampup_ratio=0.05):
+    """EMA decay per step: β = 0.5^(batch / max(h, 1e-8)), h = min(halflife_img, nimg · rampup_ratio).
+
+    `rampup_ratio=None` disables the ramp-up (h = halflife_img). `nimg` counts images seen before the
+    step, so β = 0 on the first step (the EMA starts as a copy of the network). CIFAR-10 steady state:
+    0.5^(512 / 5e5) ≈ 0.99929. float32 scalar.
+    """
+    nimg = jnp.asarray(nimg, jnp.float32)
+    halflife = jnp.asarray(float(halflife_img), jnp.float32)
+    if rampup_ratio is not None:
+        halflife = jnp.minimum(halflife, nimg * rampup_ratio)
+    return jnp.power(jnp.float32(0.5), batch_size / jnp.maximum(halflife, 1e-8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Train state.
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step updates. All leaves float32 except `step` (int32 scalar).
+
+    step: number of optimizer steps done (images seen = step · global batch).
+    params: the network's trainable variables (the 'params' collection).
+    buffers: the network's other collections, never trained or averaged (e.g. {'buffers': NCSN++ Fourier
+      frequencies}); an empty dict for DDPM++/ADM.
+    ema: exponential moving average of `params` (same tree); buffers are shared, as in the reference.
+    opt_state: optax state of `make_optimizer` (Adam moments, count, injected learning rate).
+    """
+    step: jax.Array
+    params: Any
+    buffers: Any
+    ema: Any
+    opt_state: Any
+
+    def variables(self, ema: bool = False):
+        """The variables dict to pass to `module.apply`: {'params': params or ema, **buffers}."""
+        return {"params": self.ema if ema else self.params, **self.buffers}
+
+
+def make_optimizer(base_lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam with no weight decay (the reference's `torch.optim.Adam`); the lr is a hyperparameter the
+    train step overwrites every step with the ramp-up schedule (`optax.inject_hyperparams`)."""
+    return optax.inject_hyperparams(optax.adam)(learning_rate=base_lr, b1=b1, b2=b2, eps=eps)
+
+
+def _replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def create_train_state(key, module, sample_shape, label_dim=0, augment_dim=0, tx=None, mesh=None,
+                       compiler_options=None):
+    """Initialise the network, its EMA copy and the optimizer state.
+
+    key: typed PRNG key for the initialisation (the same on every process, so all agree without a
+      broadcast). module: a flax module with the EDM network call signature. sample_shape: (H, W, C).
+    label_dim / augment_dim: widths of the class and augmentation labels (0 = none).
+    tx: the optax optimizer (default `make_optimizer()`). mesh: if given, the state is created replicated
+      on it (jit with out_shardings) instead of on the default device. compiler_options: for XLA.
+    Returns a `TrainState` with step 0 and ema = params.
+    """
+    tx = make_optimizer() if tx is None else tx
+    x = jnp.zeros((1, *sample_shape), jnp.float32)
+    noise_labels = jnp.zeros((1,), jnp.float32)
+    class_labels = jnp.zeros((1, label_dim), jnp.float32) if label_dim else None
+    augment_labels = jnp.zeros((1, augment_dim), jnp.float32) if augment_dim else None
+
+    def init(key):
+        k_params, k_dropout = jax.random.split(key)
+        variables = module.init({"params": k_params, "dropout": k_dropout}, x, noise_labels, class_labels,
+                                augment_labels, train=False)
+        variables = dict(variables)
+        params = variables.pop("params")
+        ema = jax.tree.map(lambda p: p + 0, params)  # a distinct buffer: the state is donated each step
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=variables, ema=ema,
+                          opt_state=tx.init(params))
+
+    out_shardings = None if mesh is None else _replicated(mesh)
+    return jax.jit(init, out_shardings=out_shardings, compiler_options=compiler_options)(key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batch planning and sharding.
+
+def plan_batch(global_batch: int, num_devices: int, batch_per_device: Optional[int] = None):
+    """Split a global batch as the reference does: returns (per-device batch per round, number of rounds).
+
+    Each device sees global_batch / num_devices examples per step, in `rounds` micro-batches of
+    `batch_per_device` (default: all at once). Raises ValueError when the numbers do not divide.
+    """
+    if global_batch <= 0 or global_batch % num_devices:
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {num_devices} devices; "
+                         f"set it to a multiple of {num_devices}.")
+    per_device = global_batch // num_devices
+    if batch_per_device is None or batch_per_device <= 0 or batch_per_device >= per_device:
+        return per_device, 1
+    if per_device % batch_per_device:
+        raise ValueError(f"train.batch_per_device={batch_per_device} does not divide the {per_device} examples "
+                         f"each of the {num_devices} devices gets from train.batch_size={global_batch}; set "
+                         f"it to a divisor of {per_device}.")
+    return batch_per_device, per_device // batch_per_device
+
+
+def make_mesh(devices=None) -> Mesh:
+    """One 1-D mesh, axis 'data', over `devices` (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh):
+    """Turn this process's slice of the global batch (host arrays, leading axis = local examples) into
+    global jax Arrays sharded along 'data' (`jax.make_array_from_process_local_data`)."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def maybe_initialize_distributed():
+    """Start multi-process JAX when the environment asks for it; a no-op otherwise.
+
+    Multi-process runs (several hosts, or one process per GPU) are detected from the environment:
+    `JAX_COORDINATOR_ADDRESS` (plus `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, read by JAX itself), or
+    `EDM_JAX_DISTRIBUTED=1` to let `jax.distributed.initialize()` auto-detect the cluster (TPU pods, SLURM,
+    Open MPI). Must run before anything touches a JAX backend. Single-process runs need nothing.
+    """
+    wanted = os.environ.get("EDM_JAX_DISTRIBUTED", "") not in ("", "0") or "JAX_COORDINATOR_ADDRESS" in os.environ
+    if wanted and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# The train step.
+
+def _per_example_net(apply_fn):
+    """Wrap `apply_fn` into F(variables, x, c_noise, class_labels, augment_labels, dropout_keys) that runs
+    the network vmapped over examples, so example i's dropout depends only on its own key [N]."""
+
+    def net(variables, x, c_noise, class_labels, augment_labels, dropout_keys):
+        def one(x1, c1, cl1, al1, k1):
+            add = lambda a: None if a is None else a[None]
+            out = apply_fn(variables, x1[None], c1[None], add(cl1), add(al1), train=True, rngs={"dropout": k1})
+            return out[0]
+        return jax.vmap(one)(x, c_noise, class_labels, augment_labels, dropout_keys)
+
+    return net
+
+
+def make_train_step(*, apply_fn, precond, loss_kind: str, loss_kwargs: Optional[Mapping] = None,
+                    tx: optax.GradientTransformation, global_batch: int, num_rounds: int = 1,
+                    base_lr: float = 1e-3, lr_rampup_img: float = 10e6, ema_halflife_img: float = 500e3,
+                    ema_rampup_ratio: Optional[float] = 0.05, loss_scaling: float = 1.0,
+                    augment_p: float = 0.0, augment_kwargs: Optional[Mapping] = None,
+                    mesh: Optional[Mesh] = None) -> Callable:
+    """Build the pure `train_step(state, batch, key) -> (state, metrics)`.
+
+    apply_fn: the network's `module.apply`. precond: an `edm_jax.precond` preconditioner; D is
+      `precond.denoiser(...)`. loss_kind / loss_kwargs: a key of `edm_jax.losses.LOSSES` and its
+      hyperparameters. tx: `make_optimizer(...)`. global_batch: B, images per step over all devices.
+    num_rounds: gradient-accumulation rounds R (from `plan_batch`); the batch is split into R micro-batches
+      that each keep an equal share on every device, and their gradients are summed in a `lax.scan`.
+    base_lr, lr_rampup_img: `learning_rate`. ema_halflife_img, ema_rampup_ratio: `ema_beta`.
+    loss_scaling: multiplies the summed loss (and thus the gradient); not undone, as in the reference.
+    augment_p: augmentation probability (0 = off, the network gets no augment labels); augment_kwargs:
+      per-transform multipliers for `sample_augment_params` (xflip, yflip, scale, rotate_frac, aniso,
+      translate_frac, ...) and the strengths for `apply_augment` (scale_std, aniso_std, translate_frac_std).
+    mesh: if given, micro-batches are constrained to stay sharded along its 'data' axis.
+
+    train_step: `state` a TrainState; `batch` {'images': float32 [B, H, W, C] in [−1, 1], 'labels':
+      optional float32 [B, label_dim] one-hot (absent or width 0 = unconditional)}; `key` the run's base key
+      (typed), the same every step — the step key `fold_in(key, state.step)` is derived inside.
+    metrics: float32 scalars 'loss' (mean per-element loss over the batch, before loss scaling), 'lr' and
+      'ema_beta' (the values used by this step), 'nonfinite_grads' (entries replaced by nan_to_num).
+    """
+    loss_fn = LOSSES[loss_kind]
+    loss_kwargs = dict(loss_kwargs or {})
+    augment_kwargs = dict(augment_kwargs or {})
+    apply_kwargs = {k: augment_kwargs.pop(k) for k in _APPLY_AUGMENT_KEYS if k in augment_kwargs}
+    sample_kwargs = augment_kwargs
+    if global_batch % num_rounds:
+        raise ValueError(f"global batch {global_batch} is not divisible into {num_rounds} accumulation rounds")
+    micro = global_batch // num_rounds
+    denoise = precond.denoiser(_per_example_net(apply_fn))
+    micro_sharding = None if mesh is None else NamedSharding(mesh, P(None, "data"))
+
+    def split_rounds(x):
+        # Round r takes the examples i with i % R == r. With the batch split contiguously over devices
+        # (each holding a multiple of R examples), every micro-batch is again an even contiguous split over
+        # the devices, so this is a local reshape with no communication.
+        x = jnp.swapaxes(x.reshape(micro, num_rounds, *x.shape[1:]), 0, 1)
+        if micro_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, micro_sharding)
+        return x
+
+    def micro_grads(params, buffers, images, labels, index, step_key):
+        """Gradient of loss_scaling / B · Σ loss over one micro-batch, and the unscaled Σ loss."""
+        keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(index)
+        k_aug, k_loss, k_drop = (jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys) for j in range(3))
+        augment_labels = None
+        if augment_p > 0:
+            aug = augment_lib.sample_augment_params(k_aug, images.shape[0], p=augment_p, **sample_kwargs)
+            images, augment_labels = augment_lib.apply_augment(images, aug, margin="image", **apply_kwargs)
+
+        def objective(params):
+            variables = {"params": params, **buffers}
+            fn = lambda x, sigma, lab, al: denoise(variables, x, sigma, lab, al, dropout_keys=k_drop)
+            loss = loss_fn(fn, images, labels, key=k_loss, augment_labels=augment_labels, **loss_kwargs)
+            total = jnp.sum(loss)
+            return total * (loss_scaling / global_batch), total
+
+        grads, total = jax.grad(objective, has_aux=True)(params)
+        return grads, total
+
+    def train_step(state: TrainState, batch, key):
+        images = jnp.asarray(batch["images"], jnp.float32)
+        if images.shape[0] != global_batch:
+            raise ValueError(f"batch has {images.shape[0]} images but the step was built for {global_batch}")
+        labels = batch.get("labels")
+        labels = None if labels is None or labels.shape[-1] == 0 else jnp.asarray(labels, jnp.float32)
+        step_key = jax.random.fold_in(key, state.step)
+        index = jnp.arange(global_batch, dtype=jnp.uint32)  # global example index
+
+        if num_rounds == 1:
+            grads, total = micro_grads(state.params, state.buffers, images, labels, index, step_key)
+        else:
+            xs = (split_rounds(images), None if labels is None else split_rounds(labels), split_rounds(index))
+
+            def body(carry, xs):
+                g_acc, t_acc = carry
+                g, t = micro_grads(state.params, state.buffers, *xs, step_key)
+                return (jax.tree.map(jnp.add, g_acc, g), t_acc + t), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, total), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), xs)
+
+        nonfinite = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))
+        grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
+
+        nimg = state.step.astype(jnp.float32) * global_batch  # images seen before this step
+        lr = learning_rate(nimg, base_lr, lr_rampup_img)
+        opt_state = state.opt_state
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+        updates, opt_state = tx.update(grads, opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        beta = ema_beta(nimg, global_batch, ema_halflife_img, ema_rampup_ratio)
+        ema = jax.tree.map(lambda e, p: p + beta * (e - p), state.ema, params)
+
+        new_state = state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
+        metrics = {"loss": total / images.size, "lr": lr, "ema_beta": beta,
+                   "nonfinite_grads": nonfinite.astype(jnp.float32)}
+        return new_state, metrics
+
+    return train_step
+
+
+def compile_train_step(train_step: Callable, mesh: Mesh, compiler_options: Optional[Mapping] = None) -> Callable:
+    """`jax.jit` the step for `mesh`: state and key replicated, batch sharded along 'data', state donated.
+
+    `compiler_options` go to XLA unchanged (the tests pass {'xla_backend_optimization_level': 0}, which
+    compiles about 3x faster on CPU).
+    """
+    rep = _replicated(mesh)
+    return jax.jit(train_step, in_shardings=(rep, NamedSharding(mesh, P("data")), rep),
+                   out_shardings=(rep, rep), donate_argnums=(0,),
+                   compiler_options=None if compiler_options is None else dict(compiler_options))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training loop (training_loop.py): everything below reads the config; the pieces above never do.
+
+log = logging.getLogger("edm_jax")
+
+
+
+def _as_dict(section) -> dict:
+    if section is None:
+        return {}
+    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+def _require(config, *names):
+    for name in names:
+        if name not in config:
+            raise ValueError(f"the config has no '{name}' section; start from configs/quickstart.py or "
+                             f"configs/cifar10_edm.py, which define data, model, precond, loss, augment, train "
+                             f"and sample")
+
+
+def build_network(model: Mapping, *, resolution: int, channels: int, label_dim: int, augment_dim: int,
+                  out_channels: int):
+    """The flax network from a config's `model` section: {'name': 'SongUNet' | 'DhariwalUNet', 'dtype':
+    'float32' | 'bfloat16', **constructor keywords}; the data-dependent keywords come from the dataset,
+    as in the reference's train.py."""
+    from edm_jax import networks
+
+    kwargs = dict(model)
+    name = kwargs.pop("name", "SongUNet")
+    dtype = kwargs.pop("dtype", "float32")
+    classes = {"SongUNet": networks.SongUNet, "DhariwalUNet": networks.DhariwalUNet}
+    if name not in classes:
+        raise ValueError(f"model.name={name!r} is not a network; choose one of {sorted(classes)}")
+    fields = {f.name for f in dataclasses.fields(classes[name])} - {"parent", "name"}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ValueError(f"{name} has no constructor keyword(s) {unknown}; remove them from the config's model "
+                         f"section (valid: {sorted(fields)})")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"model.dtype={dtype!r} is not a compute dtype; use 'float32' or 'bfloat16'")
+    for key in ("channel_mult", "attn_resolutions", "resample_filter"):
+        if key in kwargs and kwargs[key] is not None:
+            kwargs[key] = tuple(kwargs[key])
+    return classes[name](img_resolution=resolution, in_channels=channels, out_channels=out_channels,
+                         label_dim=label_dim, augment_dim=augment_dim, dtype=jnp.dtype(dtype), **kwargs)
+
+
+class _Logs:
+    """log.txt (human-readable, also echoed to stdout) and metrics.jsonl, written by process 0 only."""
+
+    def __init__(self, workdir: str, active: bool):
+        self.active = active
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self._handlers = []
+        if active:
+            for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(workdir, "log.txt"))):
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+                log.addHandler(handler)
+                self._handlers.append(handler)
+            log.setLevel(logging.INFO)
+            log.propagate = False
+
+    def truncate_metrics(self, after_step: int):
+        """Drop records past `after_step` (written by a run that died before its next checkpoint)."""
+        if not self.active or not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= after_step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass  # a line cut short by a kill
+        with open(self.metrics_path, "w") as f:
+            f.writelines(keep)
+
+    def metrics(self, record: Mapping[str, Any]):
+        if self.active:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def close(self):
+        for handler in self._handlers:
+            log.removeHandler(handler)
+            handler.close()
+        if self._handlers:
+            log.propagate = True
+
+
+def _memory_text() -> str:
+    """Peak device memory where the backend reports it (GPU/TPU), else the host's peak RSS."""
+    stats = None
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 (not every backend implements it)
+        pass
+    if stats and "peak_bytes_in_use" in stats:
+        return f"devmem {stats['peak_bytes_in_use'] / 2**30:.2f} GiB"
+    try:
+        import resource
+
+        return f"hostmem {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    except Exception:  # noqa: BLE001
+        return "mem n/a"
+
+
+def make_grid_sampler(module, precond, *, mesh: Mesh, shape, label_dim: int, num_images: int, seed: int,
+                      num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """A function EMA variables -> uint8 images [num_images, H, W, C] for the snapshot grids.
+
+    Fixed latents (image i from `fold_in(key(seed), i)`) and class labels (i mod label_dim), so the grids
+    of successive snapshots show the same images as training progresses. Deterministic Heun sampler
+    (Algorithm 1) with the σ range clamped to the preconditioner's, as the reference's generate.py does.
+    """
+    from edm_jax import sampling
+
+    denoise = precond.denoiser(module.apply)
+    sigma_min = max(sigma_min, precond.sigma_min)
+    sigma_max = min(sigma_max, precond.sigma_max)
+    base = jax.random.key(seed)
+    latents = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), tuple(shape)))(
+        jnp.arange(num_images, dtype=jnp.uint32))
+    labels = jax.nn.one_hot(jnp.arange(num_images) % label_dim, label_dim) if label_dim else None
+    rep = _replicated(mesh)
+    data = NamedSharding(mesh, P("data")) if num_images % mesh.size == 0 else rep
+    latents = jax.device_put(latents, data)
+    labels = None if labels is None else jax.device_put(labels, data)
+
+    def sample(variables, latents, labels):
+        fn = lambda x, sigma, class_labels: denoise(variables, x, sigma, class_labels)
+        x = sampling.edm_sampler(fn, latents, labels, num_steps=num_steps, sigma_min=sigma_min,
+                                 sigma_max=sigma_max, rho=rho, round_sigma=precond.round_sigma)
+        return jnp.clip(x * 127.5 + 128, 0, 255).astype(jnp.uint8)  # the reference's image conversion
+
+    sample = jax.jit(sample, in_shardings=(rep, data, data), out_shardings=rep)
+    return lambda variables: np.asarray(sample(variables, latents, labels))
+
+
+def save_image_grid(images: np.ndarray, path: str, min_tile: int = 64):
+    """Write uint8 NHWC images as a near-square PNG grid, tiles upscaled (nearest) to ≥ min_tile px."""
+    import PIL.Image
+
+    n, h, w, c = images.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    zoom = max(1, int(math.ceil(min_tile / max(h, w))))
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+    grid = grid.repeat(zoom, 0).repeat(zoom, 1)
+    image = PIL.Image.fromarray(grid[..., 0] if c == 1 else grid, "L" if c == 1 else "RGB")
+    tmp = path + ".tmp"
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(config, workdir: str):
+    """Train as the config says, in `workdir`, resuming from its newest checkpoint if there is one.
+
+    config: an ml_collections ConfigDict with sections data, model, precond, loss, augment, train, sample
+      (configs/cifar10_edm.py lists every field). workdir: the run directory; it receives checkpoints/
+      (orbax: train state incl. EMA and Adam, step = data position, seed), config.json (the resolved
+      config), log.txt, metrics.jsonl (one record per tick) and samples/ (a PNG grid of EMA samples per
+      snapshot). Returns the final TrainState.
+
+    Ticks and snapshots follow training_loop.py: a tick is `train.tick_kimg` of images (the first tick ends
+    after the first step); a snapshot (checkpoint + sample grid) every `train.snapshot_ticks` ticks, after
+    the first step, and at the end; checkpoints at multiples of `train.state_dump_ticks` ticks are kept
+    forever, the others only while among the newest `train.max_to_keep`. Tick boundaries are multiples of
+    the steps per tick (not restarted on resume), so a resumed run snapshots where an uninterrupted one does.
+    """
+    maybe_initialize_distributed()
+    _require(config, "data", "model", "precond", "loss", "augment", "train", "sample")
+    from edm_jax import data as data_lib
+    from edm_jax.checkpoint import Checkpointer
+    from edm_jax.precond import make_precond
+
+    t_start = time.time()
+    tc, sc = config.train, config.sample
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    logs = _Logs(workdir, active=jax.process_index() == 0)
+    if tc.get("compilation_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(tc.compilation_cache_dir))
+    ckpt = stream = None
+    try:
+        with jax.default_matmul_precision(tc.get("matmul_precision") or None):
+            if logs.active:
+                with open(os.path.join(workdir, "config.json"), "w") as f:
+                    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+            # ---- Devices and the batch split (training_loop.py: batch_gpu, num_accumulation_rounds).
+            mesh = make_mesh()
+            global_batch = int(tc.batch_size)
+            per_device, rounds = plan_batch(global_batch, mesh.size, tc.get("batch_per_device"))
+            total_steps = int(math.ceil(float(tc.total_kimg) * 1000 / global_batch))
+            steps_per_tick = max(1, int(math.ceil(float(tc.tick_kimg) * 1000 / global_batch)))
+            snapshot_every = steps_per_tick * max(1, int(tc.snapshot_ticks))
+            dump_ticks = int(tc.get("state_dump_ticks") or 0)
+            if dump_ticks % max(1, int(tc.snapshot_ticks)):
+                raise ValueError(f"train.state_dump_ticks={dump_ticks} is not a multiple of train.snapshot_ticks="
+                                 f"{tc.snapshot_ticks}, so no checkpoint would be kept; make it a multiple (or 0)")
+
+            # ---- Data (train.py's dataset_kwargs); label_dim 0 when unconditional.
+            data_kwargs = _as_dict(config.data)
+            xflip = bool(data_kwargs.pop("xflip", False))
+            dataset = data_lib.load_dataset(**data_kwargs)
+            label_dim = dataset.label_dim if config.data.get("use_labels", True) else 0
+            shape = (dataset.resolution, dataset.resolution, dataset.channels)
+            log.info("data: %r, %d images of %s, label_dim %d", dataset.name, len(dataset), "x".join(map(str, shape)),
+                     label_dim)
+
+            # ---- Network, preconditioning, loss, augmentation (train.py's network/loss/augment kwargs).
+            augment = _as_dict(config.augment)
+            augment_p = float(augment.pop("p", 0.0))
+            unknown = sorted(set(augment) - set(_SAMPLE_AUGMENT_KEYS) - set(_APPLY_AUGMENT_KEYS))
+            if unknown:
+                raise ValueError(f"the augment section has unknown field(s) {unknown}; valid: p, "
+                                 f"{', '.join(_SAMPLE_AUGMENT_KEYS + _APPLY_AUGMENT_KEYS)}")
+            augment_dim = AUGMENT_DIM if augment_p > 0 else 0
+            precond = make_precond(config.precond.kind, **_as_dict(config.precond.get("kwargs")))
+            if config.loss.kind not in LOSSES:
+                raise ValueError(f"loss.kind={config.loss.kind!r} is not a loss; choose one of {sorted(LOSSES)}")
+            out_channels = shape[2] * (2 if config.precond.kind == "iddpm" else 1)  # iDDPM: learned variance
+            module = build_network(_as_dict(config.model), resolution=shape[0], channels=shape[2],
+                                   label_dim=label_dim, augment_dim=augment_dim, out_channels=out_channels)
+            tx = make_optimizer(tc.lr, tc.adam_b1, tc.adam_b2, tc.adam_eps)
+            log.info("devices: %d x %s in %d process(es); global batch %d = %d per device x %d round(s); %d steps "
+                     "(%.1f kimg), %d per tick, snapshot every %d", mesh.size, jax.devices()[0].device_kind,
+                     jax.process_count(), global_batch, per_device, rounds, total_steps,
+                     total_steps * global_batch / 1000, steps_per_tick, snapshot_every)
+
+            # ---- State: the newest loadable checkpoint, or a fresh initialisation.
+            # XLA:CPU spends minutes optimising the initialisers' random draws, which run once: skip that there.
+            cpu_init = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+            init = lambda key, options=None: create_train_state(key, module, shape, label_dim, augment_dim, tx,
+                                                                mesh, compiler_options=options)
+            seed = int(tc.seed)
+            rep = _replicated(mesh)
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                                    jax.eval_shape(init, jax.random.key(seed)))
+            ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.get("max_to_keep", 3),
+                                keep_period=snapshot_every * dump_ticks // max(1, int(tc.snapshot_ticks)) or None,
+                                async_save=tc.get("async_checkpointing", True))
+            restored = ckpt.restore_latest(abstract)
+            if restored is None:
+                state = init(jax.random.fold_in(jax.random.key(seed), 0), cpu_init)
+                log.info("new run: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
+            else:
+                state, meta = restored
+                if int(meta["global_batch"]) != global_batch:
+                    raise ValueError(f"the checkpoint at step {meta['step']} in {ckpt.directory} was trained with "
+                                     f"train.batch_size={meta['global_batch']}, this config says {global_batch}; "
+                                     f"set train.batch_size={meta['global_batch']} or use a new --workdir")
+                if int(meta["seed"]) != seed:
+                    log.warning("train.seed=%d differs from the checkpoint's seed %d; continuing with %d so that "
+                                "the run stays reproducible", seed, meta["seed"], meta["seed"])
+                    seed = int(meta["seed"])
+                log.info("resumed from %s/%d: step %d, %.1f kimg", ckpt.directory, meta["step"], meta["step"],
+                         meta["nimg"] / 1000)
+            start_step = int(jax.device_get(state.step))
+            logs.truncate_metrics(start_step)
+            if start_step >= total_steps:
+                log.info("nothing to do: the newest checkpoint is at step %d of %d", start_step, total_steps)
+                return state
+
+            # ---- The compiled step and the snapshot sampler.
+            step_fn = compile_train_step(make_train_step(
+                apply_fn=module.apply, precond=precond, loss_kind=config.loss.kind,
+                loss_kwargs=_as_dict(config.loss.get("kwargs")), tx=tx, global_batch=global_batch,
+                num_rounds=rounds, base_lr=tc.lr, lr_rampup_img=tc.lr_rampup_kimg * 1000,
+                ema_halflife_img=tc.ema_halflife_kimg * 1000, ema_rampup_ratio=tc.ema_rampup_ratio,
+                loss_scaling=tc.loss_scaling, augment_p=augment_p, augment_kwargs=augment, mesh=mesh), mesh)
+            grid = None
+            if int(sc.num_images) > 0:
+                grid = make_grid_sampler(module, precond, mesh=mesh, shape=shape, label_dim=label_dim,
+                                         num_images=int(sc.num_images), seed=int(sc.seed),
+                                         num_steps=int(sc.num_steps), sigma_min=sc.sigma_min,
+                                         sigma_max=sc.sigma_max, rho=sc.rho)
+            samples_dir = os.path.join(workdir, "samples")
+            os.makedirs(samples_dir, exist_ok=True)
+            train_key = jax.random.fold_in(jax.random.key(seed), 1)
+
+            def snapshot(state, step):
+                """Checkpoint (async) and sample grid; returns the seconds spent (the reference's maintenance)."""
+                t0 = time.time()
+                nimg = step * global_batch
+                ckpt.save(step, state, {"step": step, "nimg": nimg, "kimg": nimg / 1000,
+                                        "global_batch": global_batch, "seed": seed, "time": time.time()})
+                path = "none (sample.num_images is 0)"
+                if grid is not None:
+                    images = grid(state.variables(ema=True))
+                    path = os.path.join(samples_dir, f"samples-{nimg // 1000:06d}kimg-step{step:07d}.png")
+                    if logs.active:
+                        save_image_grid(images, path)
+                log.info("snapshot at step %d: checkpoint %s, samples %s", step,
+                         os.path.join(ckpt.directory, str(step)), path)
+                return time.time() - t0
+
+            # ---- The loop (training_loop.py's while True), with one host sync per tick.
+            stream = data_lib.batches(dataset, global_batch=global_batch, seed=seed, start_step=start_step,
+                                      process_index=jax.process_index(), process_count=jax.process_count(),
+                                      xflip=xflip, use_labels=label_dim > 0)
+            log.info("training from step %d to %d", start_step, total_steps)
+            step, pending, last = start_step, [], {}
+            tick_start_step, tick_start_time, maintenance = step, time.time(), 0.0
+            while step < total_steps:
+                state, metrics = step_fn(state, shard_batch(next(stream), mesh), train_key)
+                pending.append(metrics)
+                step += 1
+                done = step >= total_steps
+                if not (step == 1 or step % steps_per_tick == 0 or done):
+                    continue
+                pending = jax.device_get(pending)
+                dt = time.time() - tick_start_time
+                n = (step - tick_start_step) * global_batch
+                last = {"step": step, "tick": step // steps_per_tick, "kimg": step * global_batch / 1000,
+                        "loss": float(np.mean([m["loss"] for m in pending])), "lr": float(pending[-1]["lr"]),
+                        "ema_beta": float(pending[-1]["ema_beta"]),
+                        "nonfinite_grads": float(np.sum([m["nonfinite_grads"] for m in pending])),
+                        "sec_per_tick": dt, "sec_per_kimg": dt / (n / 1000), "img_per_sec": n / dt,
+                        "maintenance_sec": maintenance, "time": time.time()}
+                logs.metrics(last)
+                log.info("tick %-5d kimg %-9.1f loss %-8.4f lr %.2e ema_beta %.6f sec/tick %-7.1f sec/kimg %-7.3f "
+                         "img/s %-7.1f maint %-5.1f %s%s", last["tick"], last["kimg"], last["loss"], last["lr"],
+                         last["ema_beta"], dt, last["sec_per_kimg"], last["img_per_sec"], maintenance,
+                         _memory_text(),
+                         f" nonfinite_grads {last['nonfinite_grads']:.0f}" if last["nonfinite_grads"] else "")
+                pending, maintenance = [], 0.0
+                if step == 1 or step % snapshot_every == 0 or done:
+                    maintenance = snapshot(state, step)
+                tick_start_step, tick_start_time = step, time.time()
+            ckpt.wait()
+            log.info("done: step %d, %.1f kimg; this process ran steps %d-%d in %s; last tick's loss %.4f; "
+                     "checkpoints in %s; sample grids in %s", step, step * global_batch / 1000, start_step, step,
+                     _hms(time.time() - t_start), last.get("loss", float("nan")), ckpt.directory, samples_dir)
+            return state
+    finally:
+        if stream is not None:
+            stream.close()
+        if ckpt is not None:
+            ckpt.close()
+        logs.close()
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
