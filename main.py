@@ -221,9 +221,12 @@ def main(argv):
     logging.info("mode=%s config=%s workdir=%s", FLAGS.mode, config_arg, workdir)
 
     if FLAGS.mode == "train":
-        from edm_jax import train
+        from edm_jax import checkpoint, data, train
 
-        train.train_and_evaluate(FLAGS.config, workdir)
+        try:
+            train.train_and_evaluate(FLAGS.config, workdir)
+        except (ValueError, OSError, checkpoint.CheckpointError, data.DatasetUnavailableError) as e:
+            _fail(str(e))  # bad config, missing data or a foreign checkpoint: one sentence, no traceback
 
 
 if __name__ == "__main__":

@@ -784,13 +784,75 @@ def _grid_images(seeds, cache, outdir, fmt, subdirs):
 # ---------------------------------------------------------------------------------------------------
 # Models.
 
+def _network_io_from_params(params):
+    """The data-dependent constructor arguments of an EDM network, read off its parameter tree.
+
+    The training loop takes img_resolution / in_channels / out_channels / label_dim / augment_dim from the
+    dataset rather than the config, so a checkpoint's weights are where they are written down.
+    """
+    convs = sorted(k for k in params if k.startswith("enc_") and k.endswith("_conv"))
+    if not convs:
+        raise ValueError("the checkpoint's EMA parameters have no enc_<res>x<res>_conv layer: not an EDM network")
+    in_kernel = params[convs[0]]["kernel"]
+    resolution = int(convs[0][len("enc_"):].split("x")[0])
+    outs = [k for k in params if k == "out_conv" or (k.startswith("dec_") and k.endswith("_aux_conv"))]
+    width = lambda name: int(params[name]["kernel"].shape[0]) if name in params else 0  # noqa: E731
+    return dict(img_resolution=resolution, in_channels=int(in_kernel.shape[2]),
+                out_channels=int(params[outs[0]]["kernel"].shape[-1]), label_dim=width("map_label"),
+                augment_dim=width("map_augment"))
+
+
 def load_training_checkpoint(path, dtype=jnp.float32):
-    """HOOK for the training loop's checkpoints (edm_jax.train): return an object with `.config`
-    (img_resolution, img_channels, label_dim), `.params` (EMA variables), `.module`, `.precond`,
-    like `convert.Snapshot`. Not wired yet."""
-    raise NotImplementedError(f"{path} is not a converted checkpoint (no converted_config.json) and loading "
-                              "training checkpoints for sampling is not implemented yet; pass "
-                              "--checkpoint=<reference .pkl> or a --workdir made by --mode=convert")
+    """The EMA network of a training run's newest checkpoint, as a `convert.Snapshot`.
+
+    `path`: a training workdir (holding `config.json` and `checkpoints/<step>/`, as `edm_jax.train` writes
+    them), its `checkpoints/` folder, or one `checkpoints/<step>` folder. Only the EMA parameters and the
+    buffers are read; the optimizer state stays on disk.
+    """
+    import json
+
+    import orbax.checkpoint as ocp
+
+    from edm_jax import convert, train
+    from edm_jax import precond as precond_lib
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(os.path.join(path, "state")):  # one step's folder
+        step_dir, workdir = path, os.path.dirname(os.path.dirname(path))
+    else:
+        ckpt_dir = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
+        workdir = os.path.dirname(ckpt_dir)
+        steps = sorted(int(d) for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else [])
+                       if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state")))
+        if not steps:
+            raise FileNotFoundError(f"{path} holds no training checkpoint (checkpoints/<step>/state) and no "
+                                    "converted_config.json; train first, or pass --checkpoint=<reference .pkl>")
+        step_dir = os.path.join(ckpt_dir, str(steps[-1]))
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: the training run's resolved config is needed to rebuild "
+                                "its network")
+    with open(config_path) as f:
+        config = json.load(f)
+    state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+    ema = state["ema"]
+    io = _network_io_from_params(ema)
+    model = {**config["model"], "dtype": jnp.dtype(dtype).name}
+    module = train.build_network(model, resolution=io["img_resolution"], channels=io["in_channels"],
+                                 label_dim=io["label_dim"], augment_dim=io["augment_dim"],
+                                 out_channels=io["out_channels"])
+    pre = config["precond"]
+    precond = precond_lib.make_precond(pre["kind"], **pre.get("kwargs", {}))
+    data = config.get("data", {})
+    snap_config = {
+        "source": step_dir, "precond": {"kind": pre["kind"], **pre.get("kwargs", {})},
+        "network": {"model_type": model.get("name", "SongUNet"), **{k: v for k, v in model.items() if k != "name"},
+                    **io},
+        "img_resolution": io["img_resolution"], "img_channels": io["in_channels"], "label_dim": io["label_dim"],
+        "dataset": {"path": data.get("path") or data.get("tfds_name") or data.get("source")},
+    }
+    params = jax.tree.map(jnp.asarray, {"params": ema, **state.get("buffers", {})})
+    return convert.Snapshot(config=snap_config, params=params, module=module, precond=precond)
 
 
 class LoadedModel(NamedTuple):

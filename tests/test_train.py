@@ -384,3 +384,23 @@ def test_configs():
                             augment_dim=0, out_channels=3)
     with pytest.raises(ValueError, match="takes ':cond' or ':uncond'"):
         _load_config("cifar10_edm", "conditional")
+
+
+def test_sampling_reads_the_training_run(background_runs):
+    """--mode=sample's loader finds the newest checkpoint of a training workdir and uses its EMA weights."""
+    if background_runs is None:
+        pytest.skip("needs this module's background training runs (run the whole file)")
+    background_runs.join(timeout=600)
+    assert background_runs.results and background_runs.results[0][0] == 0, background_runs.results
+    from edm_jax import generate
+
+    model = generate.load_model(workdir=str(background_runs.straight))
+    leaves = jax.tree.leaves(model.denoise.params["params"])
+    np.testing.assert_array_equal(np.concatenate([np.ravel(x) for x in leaves]),
+                                  np.load(background_runs.straight / "final_ema.npy"))
+    assert model.image_shape == (8, 8, 3) and model.label_dim == 4
+    sample_fn = generate.make_sample_fn(model.denoise, image_shape=model.image_shape, label_dim=model.label_dim,
+                                        settings=generate.SamplerSettings(num_steps=2), precond=model.precond,
+                                        mesh=generate.make_mesh(jax.devices()[:1]))
+    images, labels = sample_fn.sample_seeds([0, 1])
+    assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (2,)
