@@ -23,11 +23,44 @@ import ml_collections
 from ml_collections import config_dict
 
 
+ARCHS = ("ddpmpp", "ncsnpp", "adm")
+
+
+def parse_arg(arg, default_arch="ddpmpp"):
+    """':cond', ':uncond', an architecture (':ncsnpp') or both (':cond,ncsnpp') -> (cond, arch)."""
+    tokens = [t for t in (arg or "").split(",") if t]
+    unknown = [t for t in tokens if t not in ("cond", "uncond", *ARCHS)]
+    if unknown:
+        raise ValueError(f"the config argument takes cond|uncond and/or {'|'.join(ARCHS)} (e.g. ':cond,ncsnpp'), "
+                         f"got {unknown}")
+    archs = [t for t in tokens if t in ARCHS]
+    return "cond" in tokens, (archs[-1] if archs else default_arch)
+
+
+def set_arch(model, arch):
+    """The reference train.py's --arch presets: network fields of `model` (a ConfigDict) for ddpmpp,
+    ncsnpp (SongUNet) or adm (DhariwalUNet, ImageNet-64 widths)."""
+    keep = {"dropout": model.dropout, "label_dropout": model.label_dropout, "dtype": model.dtype}
+    for key in list(model.keys()):
+        del model[key]
+    if arch == "adm":
+        model.update(name="DhariwalUNet", model_channels=192, channel_mult=(1, 2, 3, 4), channel_mult_emb=4,
+                     num_blocks=3, attn_resolutions=(32, 16, 8), **keep)
+        return model
+    model.update(name="SongUNet", model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4,
+                 attn_resolutions=(16,), encoder_type="standard", decoder_type="standard", **keep)
+    if arch == "ddpmpp":
+        model.update(embedding_type="positional", channel_mult_noise=1, resample_filter=(1, 1))
+    else:  # ncsnpp
+        model.update(embedding_type="fourier", channel_mult_noise=2, resample_filter=(1, 3, 3, 1),
+                     encoder_type="residual")
+    return model
+
+
 def get_config(arg=None):
-    """arg: None / '' / 'uncond' (default) or 'cond' (class-conditional, label_dim 10)."""
-    if arg not in (None, "", "uncond", "cond"):
-        raise ValueError(f"configs/cifar10_edm.py takes ':cond' or ':uncond', got ':{arg}'")
-    cond = arg == "cond"
+    """arg: 'uncond' (default) or 'cond' (class-conditional, label_dim 10), optionally with the network:
+    ':ddpmpp' (default), ':ncsnpp' or ':adm', e.g. ':cond,ncsnpp' (reference train.py --cond/--arch)."""
+    cond, arch = parse_arg(arg)
     c = ml_collections.ConfigDict()
 
     # Data (train.py --data, --cond, --xflip). `source='auto'`: data.path if set, else TFDS data.tfds_name.
@@ -60,6 +93,8 @@ def get_config(arg=None):
     c.model.decoder_type = "standard"
     c.model.resample_filter = (1, 1)
     c.model.dtype = "float32"                          # compute dtype ('bfloat16' for speed; --fp16 analogue)
+    if arch != "ddpmpp":
+        set_arch(c.model, arch)
 
     # Preconditioning (Table 1 "ours", EDMPrecond) and loss (Eq. 8, EDMLoss).
     c.precond = ml_collections.ConfigDict()

@@ -382,7 +382,7 @@ def test_configs():
     with pytest.raises(ValueError, match="no constructor keyword"):
         train.build_network(dict(cifar.model.to_dict(), widht=3), resolution=32, channels=3, label_dim=0,
                             augment_dim=0, out_channels=3)
-    with pytest.raises(ValueError, match="takes ':cond' or ':uncond'"):
+    with pytest.raises(ValueError, match="the config argument takes cond|uncond"):
         _load_config("cifar10_edm", "conditional")
 
 
