@@ -341,8 +341,8 @@ def test_bad_arguments_are_clear(fns, meshes, tmp_path):
         gen.load_model()
     with pytest.raises(FileNotFoundError, match="missing.pkl"):
         gen.load_model(checkpoint=str(tmp_path / "missing.pkl"))
-    with pytest.raises(NotImplementedError, match="training checkpoints"):
-        gen.load_model(workdir=str(tmp_path))  # no converted_config.json: the training-checkpoint hook
+    with pytest.raises(FileNotFoundError, match="holds no training checkpoint .* and no converted_config.json"):
+        gen.load_model(workdir=str(tmp_path))  # neither a converted run nor a training run
 
 
 def test_load_model_from_a_reference_snapshot():
