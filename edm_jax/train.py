@@ -390,11 +390,14 @@ def build_network(model: Mapping, *, resolution: int, channels: int, label_dim: 
 
 
 class _Logs:
-    """log.txt (human-readable, also echoed to stdout) and metrics.jsonl, written by process 0 only."""
+    """log.txt (human-readable, also echoed to stdout), metrics.jsonl and TensorBoard event files in
+    tensorboard/ (edm_jax.tensorboard; the metrics records as scalars), written by process 0 only."""
 
     def __init__(self, workdir: str, active: bool):
         self.active = active
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard_dir = os.path.join(workdir, "tensorboard")  # events files, made on the first record
+        self._tensorboard = None
         self._handlers = []
         if active:
             for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(workdir, "log.txt"))):
@@ -424,8 +427,19 @@ class _Logs:
         if self.active:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            # The same numbers as TensorBoard scalars at the record's step (its "time" as the wall time).
+            scalars = {k: v for k, v in record.items() if k not in ("step", "time")
+                       and isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))}
+            if "step" in record and scalars:
+                if self._tensorboard is None:
+                    from edm_jax.tensorboard import SummaryWriter
+                    self._tensorboard = SummaryWriter(self.tensorboard_dir)
+                self._tensorboard.scalars(scalars, int(record["step"]), wall_time=record.get("time"))
 
     def close(self):
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         for handler in self._handlers:
             log.removeHandler(handler)
             handler.close()
