@@ -3,6 +3,7 @@ r"""edm-jax command line: train, sample, evaluate and convert EDM models.
   python main.py --config=configs/cifar10_edm.py --mode=train              # workdir: runs/cifar10_edm
   python main.py --config=configs/cifar10_edm.py:cond --mode=train         # class-conditional variant
   python main.py --config=configs/quickstart.py --mode=train               # offline, CPU, minutes
+  python main.py --config=configs/quickstart_classifier.py --mode=train_classifier  # guidance classifier
   python main.py --mode=convert --checkpoint=edm-cifar10-32x32-cond-vp.pkl --workdir=runs/edm_cond_vp
 
 Config fields can be overridden from the command line, e.g. `--config.train.batch_size=64`.
@@ -20,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MODES = ("train", "sample", "eval", "convert")
+MODES = ("train", "sample", "eval", "convert", "train_classifier")
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py[:arg]).",
                                 lock_config=True)
@@ -227,6 +228,14 @@ def main(argv):
             train.train_and_evaluate(FLAGS.config, workdir)
         except (ValueError, OSError, checkpoint.CheckpointError, data.DatasetUnavailableError) as e:
             _fail(str(e))  # bad config, missing data or a foreign checkpoint: one sentence, no traceback
+
+    if FLAGS.mode == "train_classifier":
+        from edm_jax import checkpoint, classifier_train, data
+
+        try:
+            classifier_train.train_classifier(FLAGS.config, workdir)
+        except (ValueError, OSError, checkpoint.CheckpointError, data.DatasetUnavailableError) as e:
+            _fail(str(e))
 
 
 if __name__ == "__main__":
