@@ -39,6 +39,9 @@ flags.DEFINE_boolean("subdirs", True, "PNGs in subfolders of 1000 seeds (000000/
 flags.DEFINE_integer("class", None, "Class label for conditional models; default: random, drawn from the seed.")
 flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w: D = (1 + w) D(x; y) - w D(x; no label), "
                    "for class-conditional models trained with label_dropout > 0.")
+flags.DEFINE_string("classifier", None, "Classifier guidance: a --mode=train_classifier run directory (ADM's "
+                    "noise-aware classifier); the sampler adds scale * sigma^2 * grad log p(y | x, sigma) to D.")
+flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance scale s (ADM's classifier_scale).")
 flags.DEFINE_integer("base_seed", 0, "Root of the per-seed keys (image s uses fold_in(key(base_seed), s)).")
 flags.DEFINE_integer("steps", None, "Sampler steps N (NFE = 2N - 1 for Heun).")
 flags.DEFINE_float("sigma_min", None, "Lowest noise level.")
@@ -104,6 +107,8 @@ def _sample_fn(workdir):
     denoise = model.denoise
     if FLAGS.guidance:
         denoise = _with_classifier_free_guidance(model, FLAGS.guidance)
+    if FLAGS.classifier:
+        denoise = _with_classifier_guidance(denoise, model.label_dim, FLAGS.classifier, FLAGS.classifier_scale)
     sample_fn = generate.make_sample_fn(denoise, image_shape=model.image_shape, label_dim=model.label_dim,
                                         settings=settings, mesh=generate.make_mesh(), class_idx=FLAGS["class"].value,
                                         precond=model.precond)
@@ -126,6 +131,25 @@ def _with_classifier_free_guidance(model, w):
         return guidance.classifier_free(lambda x, s, y: inner(params, x, s, y), w, model.label_dim)(x, sigma, class_labels)
 
     return generate.BoundDenoiser(guided, model.denoise.params)
+
+
+def _with_classifier_guidance(denoise, label_dim, classifier_dir, scale):
+    """A denoiser guided by the classifier in `classifier_dir`; model and classifier weights stay jit arguments."""
+    from edm_jax import classifier_train, generate, guidance
+
+    module, variables, precond = classifier_train.load_classifier(classifier_dir)
+    if label_dim != module.num_classes:
+        raise ValueError(f"--classifier has {module.num_classes} classes but the model samples {label_dim}; "
+                         "classifier guidance needs a class-conditional model over the same classes")
+    inner = denoise.apply
+
+    def guided(params, x, sigma, class_labels):
+        model_params, classifier_params = params
+        log_prob = guidance.classifier_log_prob(module.apply, classifier_params, precond)
+        return guidance.classifier_guided(lambda x, s, y: inner(model_params, x, s, y), log_prob, scale)(
+            x, sigma, class_labels)
+
+    return generate.BoundDenoiser(guided, (denoise.params, variables))
 
 
 def _sample(workdir):

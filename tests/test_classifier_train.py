@@ -138,3 +138,30 @@ def test_accuracy_per_sigma_feeds_the_preconditioned_noisy_image():
     rows = classifier_train.accuracy_per_sigma(apply_fn, None, images, labels, [1e-3, 1e4], jax.random.key(1))
     assert rows[0]["accuracy"] == 1.0
     assert rows[1]["accuracy"] < 0.7  # pure noise: about chance
+
+
+def test_classifier_guidance_flag_wiring(tmp_path):
+    """main.py's --classifier path: a trained classifier steers the sampler; scale 0 is the plain sampler."""
+    import main
+    from edm_jax import generate
+
+    config = tiny_config()
+    config.train.total_steps = 1
+    config.eval.sigmas = (1.0,)
+    config.eval.num_images = 16
+    classifier_train.train_classifier(config, str(tmp_path / "clf"))
+    # A 4-class stand-in model over 8×8×3 images: the exact denoiser of unit-Gaussian data (labels unused).
+    model = generate.BoundDenoiser(lambda p, x, s, y: p * x / (1 + s[:, None, None, None] ** 2), jnp.float32(1))
+    mesh = generate.make_mesh(jax.devices()[:1])
+
+    def images(denoise):
+        fn = generate.make_sample_fn(denoise, image_shape=(8, 8, 3), label_dim=4, mesh=mesh, class_idx=3,
+                                     settings=generate.SamplerSettings(num_steps=3))
+        return np.asarray(fn.sample_seeds([0, 1])[0])
+
+    plain = images(model)
+    guided = lambda scale: main._with_classifier_guidance(model, 4, str(tmp_path / "clf"), scale)  # noqa: E731
+    np.testing.assert_array_equal(images(guided(0.0)), plain)
+    assert np.abs(images(guided(200.0)).astype(int) - plain).max() > 0
+    with pytest.raises(ValueError, match="has 4 classes but the model samples 10"):
+        main._with_classifier_guidance(model, 10, str(tmp_path / "clf"), 1.0)
