@@ -11,8 +11,9 @@ above σ ≈ 5 (ln 80 is 4.6 standard deviations out at P_std 1.2, 3.5 at 1.6), 
 coarse layout of a sample; the wider spread trains those levels too, at some cost in the middle.
 
 At the end: top-1 accuracy and cross-entropy per σ (eval.sigmas) on 1024 held-out images (a fresh synthetic
-set, seed 1), printed and written to runs/quickstart_classifier/accuracy.json. Expect near 1 at low σ and
-chance (0.25) once σ dwarfs the images' ±1 range.
+set, seed 1), printed and written to runs/quickstart_classifier/accuracy.json. Measured here (2 CPU cores,
+271 s): accuracy 0.998 / 0.999 / 0.999 / 0.966 / 0.841 / 0.685 / 0.436 / 0.264 / 0.250 at
+σ = 0.01 / 0.05 / 0.2 / 0.5 / 1 / 2 / 5 / 20 / 80 — near 1 at low σ, chance once σ dwarfs the ±1 images.
 """
 
 import ml_collections
@@ -40,12 +41,12 @@ def get_config(arg=None):
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 64
-    c.train.lr = 1e-3
+    c.train.lr = 2e-3
     c.train.lr_rampup_kimg = 2.0                        # ~30 steps
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999
     c.train.adam_eps = 1e-8
-    c.train.total_steps = 400
+    c.train.total_steps = 1200                         # 400 steps plateaued at 0.77 (two shapes confused)
     c.train.log_every = 50
     c.train.checkpoint_every = 100
     c.train.max_to_keep = 2
