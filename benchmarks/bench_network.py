@@ -46,6 +46,13 @@ def peak_memory_gb(device):
     return None if peak is None else peak / 2**30
 
 
+def xla_flops(compiled):
+    """XLA's FLOP count of a compiled executable (`jit(...).lower(...).compile()`), NaN if it has none."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
 def bench(arch, dtype, batch, iters, tiny):
     cls, kwargs = ARCHS[arch]
     kwargs = {**kwargs, **(TINY if tiny else {})}
@@ -59,9 +66,7 @@ def bench(arch, dtype, batch, iters, tiny):
 
     forward = jax.jit(lambda v, x, n, l: module.apply(v, x, n, l))
     compiled = forward.lower(variables, x, noise_labels, labels).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    flops = xla_flops(compiled)
 
     compiled(variables, x, noise_labels, labels).block_until_ready()  # warm-up
     start = time.perf_counter()

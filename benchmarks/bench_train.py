@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_network import ARCHS, BF16_PEAK_TFLOPS, TINY, peak_memory_gb  # noqa: E402
+from bench_network import ARCHS, BF16_PEAK_TFLOPS, TINY, peak_memory_gb, xla_flops  # noqa: E402
 
 from edm_jax import train  # noqa: E402
 from edm_jax.precond import EDMPrecond  # noqa: E402
@@ -55,9 +55,7 @@ def bench(arch, dtype, batch, iters, tiny, augment_p):
 
     key = jax.random.key(1)
     first = host_batch()
-    cost = step.lower(state, first, key).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    flops = xla_flops(step.lower(state, first, key).compile())
     state, metrics = step(state, first, key)  # compile + warm-up
     jax.block_until_ready(metrics)
     start = time.perf_counter()
