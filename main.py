@@ -12,6 +12,7 @@ Re-running the same train command resumes from the newest checkpoint in the work
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import pathlib
 import pickle
@@ -212,9 +213,22 @@ def _evaluate(workdir):
             f.write(json.dumps(result) + "\n")
 
 
+class _OwnInfoOnly(std_logging.Filter):
+    """Lets INFO through only from this repository's code. Orbax reports every stage of every checkpoint
+    save at INFO through absl (a dozen lines per save) and JAX its backend probing; that buries the
+    progress lines. Their warnings and errors still show; `-v 1` shows everything."""
+
+    _root = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or record.pathname.startswith(self._root)
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --mode=train")
+    if FLAGS.verbosity < 1:
+        logging.get_absl_handler().addFilter(_OwnInfoOnly())
     config_arg = FLAGS["config"].config_filename if FLAGS["config"].present else None
     workdir = FLAGS.workdir or os.path.join("runs", config_name(config_arg))
 

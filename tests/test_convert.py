@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -72,6 +73,8 @@ def test_convert_cli_round_trip(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "converted" in done.stdout and "SongUNet" in done.stdout
+    # Orbax's per-save INFO chatter (and JAX's backend probing) stays out of the console.
+    assert not re.findall(r"^I\d{4} .*", done.stderr, re.M), done.stderr[:2000]
     snap = convert.load_converted(workdir)
     z = load_fixture("snapshot_small_io.npz")
     out = snap.denoise(nchw_to_nhwc(z["x"]), z["sigma"], z["class_labels"])
