@@ -78,7 +78,7 @@ def bench(arch, dtype, batch, iters, tiny):
     return {
         "what": "forward", "impl": "edm-jax", "arch": arch + ("-tiny" if tiny else ""), "batch": batch,
         "dtype": dtype, "img_per_s": round(batch / seconds, 1), "ms_per_batch": round(seconds * 1e3, 3),
-        "gflop_per_img": round(flops / batch / 1e9, 3), "tflop_per_s": round(tflops, 2),
+        "gflop_per_img": round(flops / batch / 1e9, 4), "tflop_per_s": round(tflops, 2),
         "mfu_vs_bf16_peak": round(tflops / BF16_PEAK_TFLOPS, 4),
         "peak_mem_gb": peak_memory_gb(jax.devices()[0]), "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
