@@ -20,10 +20,11 @@ example has its own dropout key). A step therefore computes the same numbers on 
 without gradient accumulation, up to the order of floating-point sums.
 
 Parallelism: one `Mesh` over all devices (axis 'data'); the batch is sharded along 'data', the train
-state replicated; the step is `jax.jit`-ed with explicit in/out shardings and the state donated. Gradient
-accumulation (the reference's `--batch-gpu`) is a `lax.scan` over micro-batches inside the same step.
-Costs to know: the per-example vmap makes the step ~1.5x slower to compile (not to run); XLA all-reduces
-the gradient of every accumulation round (the reference syncs only the last one).
+state replicated; the step is `jax.jit`-ed with explicit in/out shardings and the state donated. Inside,
+the gradient is a `jax.shard_map` over 'data': each device sums its own examples' gradients, over the
+gradient-accumulation rounds too (the reference's `--batch-gpu`; a `lax.scan` over micro-batches), and
+one all-reduce per step follows, as the reference's DDP syncs only on the last round. Cost to know: the
+per-example vmap makes the step ~1.5x slower to compile (not to run).
 
 The loop (`train_and_evaluate`) is the only part that reads a config; it adds data, checkpoints
 (edm_jax/checkpoint.py), ticks, logs and sample grids around the pieces above.
@@ -239,7 +240,8 @@ def make_train_step(*, apply_fn, precond, loss_kind: str, loss_kwargs: Optional[
     augment_p: augmentation probability (0 = off, the network gets no augment labels); augment_kwargs:
       per-transform multipliers for `sample_augment_params` (xflip, yflip, scale, rotate_frac, aniso,
       translate_frac, ...) and the strengths for `apply_augment` (scale_std, aniso_std, translate_frac_std).
-    mesh: if given, micro-batches are constrained to stay sharded along its 'data' axis.
+    mesh: if given, the gradient is computed per device with `jax.shard_map` (batch along 'data', state
+      replicated) and all-reduced once per step, after the accumulation rounds.
 
     train_step: `state` a TrainState; `batch` {'images': float32 [B, H, W, C] in [−1, 1], 'labels':
       optional float32 [B, label_dim] one-hot (absent or width 0 = unconditional)}; `key` the run's base key
@@ -254,18 +256,13 @@ def make_train_step(*, apply_fn, precond, loss_kind: str, loss_kwargs: Optional[
     sample_kwargs = augment_kwargs
     if global_batch % num_rounds:
         raise ValueError(f"global batch {global_batch} is not divisible into {num_rounds} accumulation rounds")
-    micro = global_batch // num_rounds
     denoise = precond.denoiser(_per_example_net(apply_fn))
-    micro_sharding = None if mesh is None else NamedSharding(mesh, P(None, "data"))
 
     def split_rounds(x):
-        # Round r takes the examples i with i % R == r. With the batch split contiguously over devices
-        # (each holding a multiple of R examples), every micro-batch is again an even contiguous split over
-        # the devices, so this is a local reshape with no communication.
-        x = jnp.swapaxes(x.reshape(micro, num_rounds, *x.shape[1:]), 0, 1)
-        if micro_sharding is not None:
-            x = jax.lax.with_sharding_constraint(x, micro_sharding)
-        return x
+        # Round r takes the examples i with i % R == r of the batch it is given: this device's share under
+        # a mesh (a multiple of R examples starting at a multiple of R, so the same split as over the
+        # global batch), the whole batch without one.
+        return jnp.swapaxes(x.reshape(x.shape[0] // num_rounds, num_rounds, *x.shape[1:]), 0, 1)
 
     def micro_grads(params, buffers, images, labels, index, step_key):
         """Gradient of loss_scaling / B · Σ loss over one micro-batch, and the unscaled Σ loss."""
@@ -286,6 +283,21 @@ def make_train_step(*, apply_fn, precond, loss_kind: str, loss_kwargs: Optional[
         grads, total = jax.grad(objective, has_aux=True)(params)
         return grads, total
 
+    def local_grads(params, buffers, images, labels, index, step_key):
+        """`micro_grads` summed over the R rounds of the examples given (a `lax.scan` when R > 1)."""
+        if num_rounds == 1:
+            return micro_grads(params, buffers, images, labels, index, step_key)
+        xs = (split_rounds(images), None if labels is None else split_rounds(labels), split_rounds(index))
+
+        def body(carry, xs):
+            g_acc, t_acc = carry
+            g, t = micro_grads(params, buffers, *xs, step_key)
+            return (jax.tree.map(jnp.add, g_acc, g), t_acc + t), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, total), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), xs)
+        return grads, total
+
     def train_step(state: TrainState, batch, key):
         images = jnp.asarray(batch["images"], jnp.float32)
         if images.shape[0] != global_batch:
@@ -295,18 +307,17 @@ def make_train_step(*, apply_fn, precond, loss_kind: str, loss_kwargs: Optional[
         step_key = jax.random.fold_in(key, state.step)
         index = jnp.arange(global_batch, dtype=jnp.uint32)  # global example index
 
-        if num_rounds == 1:
-            grads, total = micro_grads(state.params, state.buffers, images, labels, index, step_key)
+        if mesh is None:
+            grads, total = local_grads(state.params, state.buffers, images, labels, index, step_key)
         else:
-            xs = (split_rounds(images), None if labels is None else split_rounds(labels), split_rounds(index))
-
-            def body(carry, xs):
-                g_acc, t_acc = carry
-                g, t = micro_grads(state.params, state.buffers, *xs, step_key)
-                return (jax.tree.map(jnp.add, g_acc, g), t_acc + t), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, total), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), xs)
+            # Data parallelism made explicit: each device sums the gradients of its own examples over all
+            # rounds, then one all-reduce per step (the reference's DDP also syncs on the last round only;
+            # left to the partitioner, the all-reduce landed inside the accumulation loop, once per round).
+            rep, data = P(), P("data")
+            grads, total = jax.shard_map(
+                lambda *args: jax.lax.psum(local_grads(*args), "data"), mesh=mesh,
+                in_specs=(rep, rep, data, data, data, rep), out_specs=rep, check_vma=False,
+            )(state.params, state.buffers, images, labels, index, step_key)
 
         nonfinite = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))
         grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)

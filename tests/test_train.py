@@ -8,6 +8,7 @@ optimisation level 0 to keep the file fast on CPU.
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -156,6 +157,21 @@ def test_accumulation_equals_full_batch(eight_devices_step):
     assert m_acc["loss"] == pytest.approx(m_full["loss"], rel=1e-5)
     for get in (lambda s: s.params, lambda s: s.ema, lambda s: s.opt_state.inner_state[0].mu):
         assert rel_err(_flat(get(s_acc)), _flat(get(s_full))) < 1e-5
+
+
+def test_one_gradient_all_reduce_per_step_after_accumulation():
+    """With R accumulation rounds the devices sum their own gradients locally and all-reduce once, after
+    the rounds (as the reference's DDP does), not once per round inside the accumulation loop."""
+    mesh, state, step = _setup(jax.devices(), rounds=4)
+    hlo = step.lower(state, train.shard_batch(_batch(), mesh), jax.random.key(42)).compile().as_text()
+    computation, where = None, []
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.endswith("{"):
+            computation = line.split(" (")[0]
+        elif re.match(r"\s+%all-reduce(-start)?[.\d]* = ", line):
+            where.append(computation)
+    assert " while(" in hlo and where, "expected an accumulation loop and a gradient all-reduce"
+    assert all(c.startswith("ENTRY") for c in where), where
 
 
 def test_nonfinite_gradients_are_replaced():
