@@ -85,17 +85,28 @@ def bench(arch, dtype, batch, iters, tiny):
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arg_parser(doc, iters):
+    """The options every benchmark script takes (add its own, then call `parse_args`)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="ddpmpp", choices=sorted(ARCHS))
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, one JSON line each")
+    parser.add_argument("--iters", type=int, default=iters)
     parser.add_argument("--tiny", action="store_true", help="a tiny network: checks the script, not the speed")
     parser.add_argument("--precision", default="default", choices=["default", "high", "highest"],
                         help="jax_default_matmul_precision for float32 (default = TF32 on Hopper)")
+    return parser
+
+
+def parse_args(parser):
+    """Parsed options, with --precision applied."""
     args = parser.parse_args()
     jax.config.update("jax_default_matmul_precision", args.precision)
+    return args
+
+
+def main():
+    args = parse_args(arg_parser(__doc__, iters=20))
     for dtype in args.dtypes.split(","):
         print(json.dumps(bench(args.arch, dtype, args.batch, args.iters, args.tiny)), flush=True)
 

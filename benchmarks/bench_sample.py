@@ -10,7 +10,6 @@ the reference's 120 img/s (DDPM++, NFE 35, fp16) and 8.4 img/s (ADM-64, NFE 79, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from bench_network import ARCHS, TINY, peak_memory_gb  # noqa: E402
+from bench_network import ARCHS, TINY, arg_parser, parse_args, peak_memory_gb  # noqa: E402
 
 from edm_jax import generate  # noqa: E402
 from edm_jax.precond import EDMPrecond  # noqa: E402
@@ -53,16 +52,9 @@ def bench(arch, dtype, batch, steps, iters, tiny):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="ddpmpp", choices=sorted(ARCHS))
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=18)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--tiny", action="store_true", help="a tiny network: checks the script, not the speed")
-    parser.add_argument("--precision", default="default", choices=["default", "high", "highest"])
-    args = parser.parse_args()
-    jax.config.update("jax_default_matmul_precision", args.precision)
+    parser = arg_parser(__doc__, iters=3)
+    parser.add_argument("--steps", type=int, default=18, help="Heun steps N (NFE = 2N - 1)")
+    args = parse_args(parser)
     for dtype in args.dtypes.split(","):
         print(json.dumps(bench(args.arch, dtype, args.batch, args.steps, args.iters, args.tiny)), flush=True)
 

@@ -20,7 +20,6 @@ Also: XLA FLOPs per image (forward + backward), TFLOP/s and MFU against the ~800
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_network import ARCHS, BF16_PEAK_TFLOPS, TINY, peak_memory_gb, xla_flops  # noqa: E402
+from bench_network import (ARCHS, BF16_PEAK_TFLOPS, TINY, arg_parser, parse_args, peak_memory_gb,  # noqa: E402
+                           xla_flops)
 
 from edm_jax import data, train  # noqa: E402
 from edm_jax.precond import EDMPrecond  # noqa: E402
@@ -113,19 +113,13 @@ def bench(arch, dtype, batch, iters, tiny, augment_p, data_path, compiler_option
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="ddpmpp", choices=sorted(ARCHS))
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--iters", type=int, default=20)
+    parser = arg_parser(__doc__, iters=20)
     parser.add_argument("--augment_p", type=float, default=0.12, help="CIFAR-10 preset: 0.12; ImageNet: 0")
     parser.add_argument("--data", default=None, help="reference-format zip/folder (default: random uint8 images)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny network: checks the script, not the speed")
-    parser.add_argument("--precision", default="default", choices=["default", "high", "highest"])
-    args = parser.parse_args()
-    jax.config.update("jax_default_matmul_precision", args.precision)
+    args = parse_args(parser)
     for dtype in args.dtypes.split(","):
-        print(json.dumps(bench(args.arch, dtype, args.batch, args.iters, args.tiny, args.augment_p, args.data)), flush=True)
+        record = bench(args.arch, dtype, args.batch, args.iters, args.tiny, args.augment_p, args.data)
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
