@@ -22,6 +22,10 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 
+need_zip() {
+  [ -f "$ZIP" ] || { echo "$ZIP is missing: copy ../shared/data/cifar10-jpeg-train.zip to .carry/ and carry it"; exit 2; }
+}
+
 group=${1:?"usage: run_device.sh network|sample|train|curve DTYPE KIMG"}
 log="$OUT/$group.jsonl"
 case "$group" in
@@ -35,13 +39,13 @@ case "$group" in
     $PY benchmarks/bench_sample.py --arch=adm --batch=64 --steps=40 --dtypes=bfloat16 | tee -a "$log"
     ;;
   train)
-    [ -f "$ZIP" ] || { echo "$ZIP is missing: copy ../shared/data/cifar10-jpeg-train.zip to .carry/ and carry it"; exit 2; }
+    need_zip
     $PY benchmarks/bench_train.py --arch=ddpmpp --batch=512 --dtypes=float32,bfloat16 --data="$ZIP" | tee -a "$log"
     ;;
   curve)
     dtype=${2:?"curve needs DTYPE (float32|bfloat16) and KIMG"}
     kimg=${3:?"curve needs KIMG (1024 = 2000 steps of 512)"}
-    [ -f "$ZIP" ] || { echo "$ZIP is missing: copy ../shared/data/cifar10-jpeg-train.zip to .carry/ and carry it"; exit 2; }
+    need_zip
     work=/tmp/curve_$dtype
     # Ticks of 50 steps (25.6 kimg); one snapshot, at the end (its grid shows what 1 Mimg of training gives).
     $PY main.py --config=configs/cifar10_edm.py --mode=train --workdir="$work" \
