@@ -87,7 +87,8 @@ def _fail(message: str) -> None:
 
 def _sample_fn(workdir):
     """The sharded sample function of the model in --checkpoint or --workdir, with the sampler flags applied."""
-    from edm_jax import generate
+    from edm_jax import generate, guided_models
+    from edm_jax.diffusion.sampler_settings import NoPresetError
 
     if FLAGS.checkpoint is None and workdir is None:
         raise ValueError(f"--mode={FLAGS.mode} needs --checkpoint=PATH.pkl or --workdir=DIR (a training or converted run)")
@@ -96,61 +97,29 @@ def _sample_fn(workdir):
     # The paper's settings by resolution; ImageNet-64 has its own stochastic ones (recognised by name).
     hint = dataset if dataset and "imagenet" in str(dataset).lower() else None
     try:
-        settings = generate.settings_for(model.image_shape[0], hint)
-    except ValueError:  # a resolution the paper has no preset for: its CIFAR-10 settings, said out loud
-        settings = generate.SamplerSettings()
+        settings = model.process.sampler_settings(resolution=model.image_shape[0], dataset=hint, **_sampler_flags())
+    except NoPresetError:  # a resolution the paper has no preset for: its CIFAR-10 settings, said out loud
+        settings = model.process.sampler_settings(**_sampler_flags())
         print(f"note: no paper sampler preset for {model.image_shape[0]}x{model.image_shape[0]} images; "
               "using the CIFAR-10 settings (18 Heun steps) unless flags say otherwise", flush=True)
-    settings = settings.override(
-        num_steps=FLAGS.steps, sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho,
-        S_churn=FLAGS.S_churn, S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise, solver=FLAGS.solver,
-        discretization=FLAGS.disc, schedule=FLAGS.schedule, scaling=FLAGS.scaling).clamp_to(model.precond)
     denoise = model.denoise
     if FLAGS.guidance:
-        denoise = _with_classifier_free_guidance(model, FLAGS.guidance)
+        denoise = guided_models.with_classifier_free_guidance(model, FLAGS.guidance)
     if FLAGS.classifier:
-        denoise = _with_classifier_guidance(denoise, model.label_dim, FLAGS.classifier, FLAGS.classifier_scale)
+        denoise = guided_models.with_classifier_guidance(denoise, model.label_dim, FLAGS.classifier,
+                                                        FLAGS.classifier_scale, process=model.process)
     sample_fn = generate.make_sample_fn(denoise, image_shape=model.image_shape, label_dim=model.label_dim,
                                         settings=settings, mesh=generate.make_mesh(), class_idx=FLAGS["class"].value,
-                                        precond=model.precond)
+                                        process=model.process)
     return sample_fn, settings
 
 
-def _with_classifier_free_guidance(model, w):
-    """The model's denoiser wrapped in classifier-free guidance, its parameters still a jit argument."""
-    from edm_jax import generate, guidance
-
-    if model.label_dim == 0:
-        raise ValueError("--guidance needs a class-conditional model; this one has no class labels")
-    # Reference pickles record only the kwargs that were passed: a missing label_dropout is its default, 0.
-    if not (model.config.get("network") or {}).get("label_dropout", 0):
-        raise ValueError("--guidance needs a model trained with label_dropout > 0 (its unconditional mode); "
-                         "this one was trained with label_dropout=0")
-    inner = model.denoise.apply
-
-    def guided(params, x, sigma, class_labels):
-        return guidance.classifier_free(lambda x, s, y: inner(params, x, s, y), w, model.label_dim)(x, sigma, class_labels)
-
-    return generate.BoundDenoiser(guided, model.denoise.params)
-
-
-def _with_classifier_guidance(denoise, label_dim, classifier_dir, scale):
-    """A denoiser guided by the classifier in `classifier_dir`; model and classifier weights stay jit arguments."""
-    from edm_jax import classifier_train, generate, guidance
-
-    module, variables, precond = classifier_train.load_classifier(classifier_dir)
-    if label_dim != module.num_classes:
-        raise ValueError(f"--classifier has {module.num_classes} classes but the model samples {label_dim}; "
-                         "classifier guidance needs a class-conditional model over the same classes")
-    inner = denoise.apply
-
-    def guided(params, x, sigma, class_labels):
-        model_params, classifier_params = params
-        log_prob = guidance.classifier_log_prob(module.apply, classifier_params, precond)
-        return guidance.classifier_guided(lambda x, s, y: inner(model_params, x, s, y), log_prob, scale)(
-            x, sigma, class_labels)
-
-    return generate.BoundDenoiser(guided, (denoise.params, variables))
+def _sampler_flags() -> dict:
+    """The sampler flags as the process's settings overrides (None = not given); the process refuses the
+    ones its family does not have."""
+    return dict(num_steps=FLAGS.steps, sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho,
+                S_churn=FLAGS.S_churn, S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise,
+                solver=FLAGS.solver, discretization=FLAGS.disc, schedule=FLAGS.schedule, scaling=FLAGS.scaling)
 
 
 def _sample(workdir):

@@ -35,7 +35,7 @@ from bench_network import (ARCHS, BF16_PEAK_TFLOPS, TINY, arg_parser, parse_args
                            xla_flops)
 
 from edm_jax import data, train  # noqa: E402
-from edm_jax.precond import EDMPrecond  # noqa: E402
+from edm_jax.diffusion.process import sigma_process  # noqa: E402
 
 
 def _dataset(path, shape, label_dim):
@@ -82,7 +82,7 @@ def bench(arch, dtype, batch, iters, tiny, augment_p, data_path, compiler_option
     tx = train.make_optimizer()
     state = train.create_train_state(jax.random.key(0), module, (r, r, c), label_dim, kwargs["augment_dim"], tx,
                                      mesh=mesh, compiler_options=compiler_options)
-    step = train.make_train_step(apply_fn=module.apply, precond=EDMPrecond(), loss_kind="edm", tx=tx,
+    step = train.make_train_step(apply_fn=module.apply, process=sigma_process("edm"), tx=tx,
                                  global_batch=batch, augment_p=augment_p, mesh=mesh,
                                  lr_rampup_img=1.0)  # ramp done: every step updates the weights
     step = train.compile_train_step(step, mesh, compiler_options)

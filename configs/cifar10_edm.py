@@ -96,13 +96,9 @@ def get_config(arg=None):
     if arch != "ddpmpp":
         set_arch(c.model, arch)
 
-    # Preconditioning (Table 1 "ours", EDMPrecond) and loss (Eq. 8, EDMLoss).
-    c.precond = ml_collections.ConfigDict()
-    c.precond.kind = "edm"
-    c.precond.kwargs = ml_collections.ConfigDict(dict(sigma_min=0.0, sigma_max=float("inf"), sigma_data=0.5))
-    c.loss = ml_collections.ConfigDict()
-    c.loss.kind = "edm"
-    c.loss.kwargs = ml_collections.ConfigDict(dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5))
+    # The forward process (edm_jax.diffusion.process): Table 1's "ours" column, EDMPrecond (Eq. 7) and EDMLoss
+    # (Eq. 8) in one section, each hyperparameter once (sigma_data serves both).
+    c.process = ml_collections.ConfigDict(dict(kind="edm", sigma_data=0.5, P_mean=-1.2, P_std=1.2))
 
     # Non-leaky augmentation (--augment=0.12; train.py's AugmentPipe multipliers, augment.py's stds).
     c.augment = ml_collections.ConfigDict()

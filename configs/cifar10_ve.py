@@ -14,8 +14,5 @@ from configs.cifar10_edm import parse_arg
 def get_config(arg=None):
     cond, arch = parse_arg(arg, default_arch="ncsnpp")
     c = cifar10_config(f"{'cond' if cond else 'uncond'},{arch}")
-    c.precond.kind = "ve"
-    c.precond.kwargs = ml_collections.ConfigDict(dict(sigma_min=0.02, sigma_max=100.0))
-    c.loss.kind = "ve"
-    c.loss.kwargs = ml_collections.ConfigDict(dict(sigma_min=0.02, sigma_max=100.0))
+    c.process = ml_collections.ConfigDict(dict(kind="ve", sigma_min=0.02, sigma_max=100.0))
     return c

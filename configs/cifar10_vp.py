@@ -12,8 +12,5 @@ from configs.cifar10_edm import get_config as cifar10_config
 
 def get_config(arg=None):
     c = cifar10_config(arg)
-    c.precond.kind = "vp"
-    c.precond.kwargs = ml_collections.ConfigDict(dict(beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5))
-    c.loss.kind = "vp"
-    c.loss.kwargs = ml_collections.ConfigDict(dict(beta_d=19.9, beta_min=0.1, epsilon_t=1e-5))
+    c.process = ml_collections.ConfigDict(dict(kind="vp", beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5))
     return c

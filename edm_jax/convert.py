@@ -247,22 +247,27 @@ class Snapshot:
       `loss` ({"kind", **hyperparameters} or None), `augment` (dict or None), `dataset` (dict or None),
       `img_resolution`, `img_channels`, `label_dim`.
     params: flax variables of the EMA network ({'params', ['buffers']}).
-    module: the flax module; precond: the `edm_jax.precond` object.
+    module: the flax module; process: its forward process (`edm_jax.diffusion.process`, here the σ family).
     """
 
     config: dict
     params: dict
     module: Any
-    precond: Any
+    process: Any
+
+    @property
+    def precond(self):
+        """The σ family's preconditioner (`edm_jax.precond`)."""
+        return self.process.precond
 
     def denoise(self, x, sigma, class_labels=None):
         """D(x; σ) of the EMA network: x NHWC [N, H, W, C], σ scalar or [N]; float32, x's shape."""
-        return _jitted_denoiser(self.precond, self.module)(self.params, x, sigma, class_labels)
+        return _jitted_model(self.process, self.module)(self.params, x, sigma, class_labels)
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_denoiser(precond, module):
-    return jax.jit(precond.denoiser(module.apply))
+def _jitted_model(process, module):
+    return jax.jit(process.model(module.apply))
 
 
 def _plain(value):
@@ -318,12 +323,10 @@ def snapshot_config(data: Mapping, source="snapshot") -> dict:
 
 
 def _build(config, state_dict, dtype=jnp.float32) -> Snapshot:
-    from edm_jax import precond as precond_lib
+    from edm_jax.interop.rundir import process_from_config
 
-    hyper = {k: v for k, v in config["precond"].items() if k != "kind"}
-    precond = precond_lib.make_precond(config["precond"]["kind"], **hyper)
     module, variables = network_from_state_dict(config["network"], state_dict, dtype=dtype)
-    return Snapshot(config=config, params=variables, module=module, precond=precond)
+    return Snapshot(config=config, params=variables, module=module, process=process_from_config(config))
 
 
 def load_snapshot(path, dtype=jnp.float32) -> Snapshot:
@@ -385,8 +388,6 @@ def load_converted(workdir, dtype=jnp.float32) -> Snapshot:
     module = network_from_config(config["network"], dtype=dtype)
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), variable_shapes(module))
     variables = ocp.StandardCheckpointer().restore(os.path.join(workdir, CONVERTED_DIR), target)
-    from edm_jax import precond as precond_lib
+    from edm_jax.interop.rundir import process_from_config
 
-    hyper = {k: v for k, v in config["precond"].items() if k != "kind"}
-    return Snapshot(config=config, params=variables, module=module,
-                    precond=precond_lib.make_precond(config["precond"]["kind"], **hyper))
+    return Snapshot(config=config, params=variables, module=module, process=process_from_config(config))

@@ -50,7 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from edm_jax import sampling, schedules
+from edm_jax.diffusion.process import SigmaProcess
+from edm_jax.diffusion.sampler_settings import SAMPLERS, SamplerSettings, settings_for  # noqa: F401 (re-exported)
+from edm_jax.precond import EDMPrecond
 
 __all__ = [
     "parse_seeds", "seed_keys", "LATENT_STREAM", "LABEL_STREAM", "NOISE_STREAM", "SamplerSettings",
@@ -127,131 +129,6 @@ def seed_keys(seeds, base_seed: int = 0):
     seeds = jnp.asarray(np.asarray(seeds, np.uint32) if not isinstance(seeds, jax.Array) else seeds, jnp.uint32)
     base = jax.random.key(base_seed)
     return jax.vmap(lambda s: jax.random.fold_in(base, s))(seeds)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sampler settings.
-
-_EDM_ONLY = {"solver": "heun", "discretization": "edm", "schedule": "linear", "scaling": "none"}
-SAMPLERS = ("edm", "ablation")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-    """Everything that picks the sampler and its time steps; defaults are the paper's CIFAR-10 settings.
-
-    sampler: 'edm' (Algorithm 2 with Heun / Eq. 5 grid / σ(t) = t / s(t) = 1) or 'ablation' (any solver,
-      discretization, schedule, scaling — the reference switches to it when one of those is given).
-    sigma_min / sigma_max: None = the sampler's default ([0.002, 80] for edm, the discretization's for
-      ablation, `schedules.default_sigma_range`); `clamp_to(precond)` then clips to the network's range.
-    """
-
-    sampler: str = "edm"
-    num_steps: int = 18
-    sigma_min: Optional[float] = None
-    sigma_max: Optional[float] = None
-    rho: float = 7.0
-    S_churn: float = 0.0
-    S_min: float = 0.0
-    S_max: float = math.inf
-    S_noise: float = 1.0
-    solver: str = "heun"
-    discretization: str = "edm"
-    schedule: str = "linear"
-    scaling: str = "none"
-
-    def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {list(SAMPLERS)}")
-        if self.sampler == "edm":
-            off = {k: getattr(self, k) for k, v in _EDM_ONLY.items() if getattr(self, k) != v}
-            if off:
-                raise ValueError(f"{off} needs sampler='ablation' (the edm sampler is fixed to {_EDM_ONLY})")
-        for name, allowed in (("solver", sampling.SOLVERS), ("discretization", schedules.DISCRETIZATIONS),
-                              ("schedule", schedules.SCHEDULES), ("scaling", tuple(schedules.SCALINGS))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {list(allowed)}")
-        if not isinstance(self.num_steps, (int, np.integer)) or self.num_steps < 2:
-            raise ValueError(f"num_steps must be an integer ≥ 2, got {self.num_steps!r}")
-        if self.S_churn < 0 or self.S_noise < 0:
-            raise ValueError(f"S_churn and S_noise must be ≥ 0, got {self.S_churn}, {self.S_noise}")
-
-    @property
-    def stochastic(self) -> bool:
-        return self.S_churn > 0
-
-    def sigma_range(self) -> tuple[float, float]:
-        """(σ_min, σ_max) with None replaced by the sampler's default (before any clamping)."""
-        if self.sampler == "edm":
-            lo, hi = 0.002, 80.0
-        else:
-            lo, hi = schedules.default_sigma_range(self.discretization)
-        return (lo if self.sigma_min is None else float(self.sigma_min),
-                hi if self.sigma_max is None else float(self.sigma_max))
-
-    def clamp_to(self, precond) -> "SamplerSettings":
-        """σ range clipped to the preconditioner's supported range, as the reference samplers do
-        (`σ_min = max(σ_min, net.sigma_min)`, `σ_max = min(σ_max, net.sigma_max)`)."""
-        lo, hi = self.sigma_range()
-        lo, hi = max(lo, float(precond.sigma_min)), min(hi, float(precond.sigma_max))
-        if not 0 < lo < hi:
-            raise ValueError(f"σ range [{lo}, {hi}] is empty after clamping to the network's "
-                             f"[{precond.sigma_min}, {precond.sigma_max}]")
-        return dataclasses.replace(self, sigma_min=lo, sigma_max=hi)
-
-    def override(self, **changes) -> "SamplerSettings":
-        """Replace the fields that are not None (command-line style); giving solver, discretization,
-        schedule or scaling switches to the ablation sampler, like the reference's generate.py."""
-        changes = {k: v for k, v in changes.items() if v is not None}
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"SamplerSettings has no field(s) {unknown}")
-        if "sampler" not in changes and set(changes) & set(_EDM_ONLY):
-            changes["sampler"] = "ablation"
-        return dataclasses.replace(self, **changes)
-
-    def sampler_kwargs(self) -> dict:
-        """Keyword arguments for `sampling.edm_sampler` / `ablation_sampler` (σ range resolved)."""
-        lo, hi = self.sigma_range()
-        kw = dict(num_steps=int(self.num_steps), sigma_min=lo, sigma_max=hi, rho=float(self.rho),
-                  S_churn=float(self.S_churn), S_min=float(self.S_min), S_max=float(self.S_max),
-                  S_noise=float(self.S_noise))
-        if self.sampler == "ablation":
-            kw.update(solver=self.solver, discretization=self.discretization, schedule=self.schedule,
-                      scaling=self.scaling)
-        return kw
-
-
-# The paper's recommended settings (README / example.py, notes §5.4): NFE 35 at 32×32, 79 at 64×64,
-# and the stochastic sampler for ImageNet-64 (FID 1.36).
-_DATASET_SETTINGS = {
-    "cifar10": dict(num_steps=18),
-    "ffhq": dict(num_steps=40),
-    "afhqv2": dict(num_steps=40),
-    "imagenet": dict(num_steps=256, S_churn=40.0, S_min=0.05, S_max=50.0, S_noise=1.003),
-}
-_DATASET_ALIASES = (("imagenet", "imagenet"), ("cifar", "cifar10"), ("ffhq", "ffhq"), ("afhq", "afhqv2"))
-_RESOLUTION_STEPS = {32: 18, 64: 40}
-
-
-def settings_for(resolution: int, dataset: Optional[str] = None, *, precond=None) -> SamplerSettings:
-    """The paper's sampler settings for a model: 18 deterministic steps at 32×32 (CIFAR-10), 40 at
-    64×64 (FFHQ, AFHQv2), and for ImageNet-64 256 steps with S_churn 40, S_min 0.05, S_max 50,
-    S_noise 1.003. `dataset` (a name or a path such as 'datasets/imagenet-64x64.zip') takes precedence
-    over the resolution. With `precond`, the σ range is clamped to the network's range.
-    """
-    if dataset is not None:
-        name = next((canon for key, canon in _DATASET_ALIASES if key in str(dataset).lower()), None)
-        if name is None:
-            raise ValueError(f"no paper sampler settings for dataset {dataset!r}; known: {sorted(_DATASET_SETTINGS)}"
-                             " (or build SamplerSettings(num_steps=...) yourself)")
-        settings = SamplerSettings(**_DATASET_SETTINGS[name])
-    elif resolution in _RESOLUTION_STEPS:
-        settings = SamplerSettings(num_steps=_RESOLUTION_STEPS[resolution])
-    else:
-        raise ValueError(f"no paper sampler settings for {resolution}×{resolution} images (the paper gives 32 "
-                         "and 64); build SamplerSettings(num_steps=...) yourself")
-    return settings.clamp_to(precond) if precond is not None else settings
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,7 +224,7 @@ def _replicate(tree, mesh):
 
 
 def make_sample_fn(denoise_fn, *, image_shape, label_dim, settings: SamplerSettings, mesh: Mesh,
-                   round_sigma=None, class_idx=None, precond=None) -> SampleFn:
+                   class_idx=None, process=None, precond=None) -> SampleFn:
     """One jitted, sharded function from per-image keys to uint8 images.
 
     Args:
@@ -355,15 +232,17 @@ def make_sample_fn(denoise_fn, *, image_shape, label_dim, settings: SamplerSetti
         one-hot [B, label_dim] or None). A `BoundDenoiser` (what `load_model` returns) has its params
         passed to the jitted function replicated over the mesh rather than embedded as constants.
       image_shape: (H, W, C). label_dim: number of classes, 0 for an unconditional model.
-      settings: `SamplerSettings` (clamp its σ range to the network first, or pass `precond`).
+      settings: the process's sampler settings (`process.sampler_settings(...)`, which clamps the σ range).
       mesh: a Mesh with a 'data' axis; the batch is sharded along it.
-      round_sigma: the network's σ rounding (iDDPM); default `precond.round_sigma` when precond is given.
       class_idx: None draws each image's class from its seed; an int fixes it (conditional models only).
-      precond: optional; clamps `settings` to its σ range and supplies `round_sigma`.
+      process: the forward process (`edm_jax.diffusion.process`; `load_model` gives the model's). None = the
+        σ family with no σ range or rounding of its own (a plain denoiser such as `toy.GaussianMixture`).
+      precond: a σ-family preconditioner instead of `process` (its σ range clamps `settings`, its
+        `round_sigma` rounds every σ the denoiser sees).
 
-    Per image (key k of its seed): latents = normal(fold_in(k, LATENT_STREAM), image_shape); class =
-    randint(fold_in(k, LABEL_STREAM), 0, label_dim); the sampler's churn noise at step i =
-    normal(fold_in(fold_in(k, NOISE_STREAM), i)). Output: `to_uint8(sample)`.
+    Per image (key k of its seed): start state = process.prior(fold_in(k, LATENT_STREAM)) (σ family: unit
+    normals of image_shape); class = randint(fold_in(k, LABEL_STREAM), 0, label_dim); the sampler's noise at
+    step i = normal(fold_in(fold_in(k, NOISE_STREAM), i)). Output: `to_uint8(process.to_data(sample))`.
     """
     if "data" not in mesh.axis_names:
         raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
@@ -377,17 +256,16 @@ def make_sample_fn(denoise_fn, *, image_shape, label_dim, settings: SamplerSetti
         if not 0 <= int(class_idx) < label_dim:
             raise ValueError(f"class_idx={class_idx} is outside [0, {label_dim - 1}]")
         class_idx = int(class_idx)
-    if precond is not None:
-        settings = settings.clamp_to(precond)
-        round_sigma = precond.round_sigma if round_sigma is None else round_sigma
-    sampler = sampling.edm_sampler if settings.sampler == "edm" else sampling.ablation_sampler
-    kwargs = settings.sampler_kwargs()
+    if process is None:
+        process = SigmaProcess(precond=precond if precond is not None else EDMPrecond())
+    settings = process.sampler_settings(base=settings)
+    run = process.sampler(settings)
 
     def sample(keys, params=None):
         den = denoise_fn if params is None else (lambda x, s, c: denoise_fn.apply(params, x, s, c))
         n = keys.shape[0]
         sub = lambda stream: jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)  # noqa: E731
-        latents = jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(sub(LATENT_STREAM))
+        latents = process.prior(sub(LATENT_STREAM), image_shape)
         if label_dim == 0:
             index, labels = jnp.full((n,), -1, jnp.int32), None
         else:
@@ -396,8 +274,8 @@ def make_sample_fn(denoise_fn, *, image_shape, label_dim, settings: SamplerSetti
             else:
                 index = jnp.full((n,), class_idx, jnp.int32)
             labels = jax.nn.one_hot(index, label_dim, dtype=jnp.float32)
-        x = sampler(den, latents, labels, key=sub(NOISE_STREAM), round_sigma=round_sigma, **kwargs)
-        return to_uint8(x), index
+        x = run(den, latents, labels, key=sub(NOISE_STREAM))
+        return to_uint8(process.to_data(x)), index
 
     batch = NamedSharding(mesh, P("data"))
     if isinstance(denoise_fn, BoundDenoiser):
@@ -814,7 +692,7 @@ def load_training_checkpoint(path, dtype=jnp.float32):
     import orbax.checkpoint as ocp
 
     from edm_jax import convert, train
-    from edm_jax import precond as precond_lib
+    from edm_jax.interop.rundir import process_from_config
 
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(os.path.join(path, "state")):  # one step's folder
@@ -841,18 +719,18 @@ def load_training_checkpoint(path, dtype=jnp.float32):
     module = train.build_network(model, resolution=io["img_resolution"], channels=io["in_channels"],
                                  label_dim=io["label_dim"], augment_dim=io["augment_dim"],
                                  out_channels=io["out_channels"])
-    pre = config["precond"]
-    precond = precond_lib.make_precond(pre["kind"], **pre.get("kwargs", {}))
+    process = process_from_config(config)
     data = config.get("data", {})
     snap_config = {
-        "source": step_dir, "precond": {"kind": pre["kind"], **pre.get("kwargs", {})},
+        "source": step_dir, "process": process.describe(),
         "network": {"model_type": model.get("name", "SongUNet"), **{k: v for k, v in model.items() if k != "name"},
                     **io},
-        "img_resolution": io["img_resolution"], "img_channels": io["in_channels"], "label_dim": io["label_dim"],
+        "img_resolution": io["img_resolution"], "img_channels": process.data_channels(io["in_channels"]),
+        "label_dim": io["label_dim"],
         "dataset": {"path": data.get("path") or data.get("tfds_name") or data.get("source")},
     }
     params = jax.tree.map(jnp.asarray, {"params": ema, **state.get("buffers", {})})
-    return convert.Snapshot(config=snap_config, params=params, module=module, precond=precond)
+    return convert.Snapshot(config=snap_config, params=params, module=module, process=process)
 
 
 class LoadedModel(NamedTuple):
@@ -861,17 +739,17 @@ class LoadedModel(NamedTuple):
     denoise: "BoundDenoiser"
     image_shape: tuple
     label_dim: int
-    precond: Any
+    process: Any
     config: dict
 
 
 def load_model(workdir=None, checkpoint=None, *, dtype=jnp.float32) -> LoadedModel:
-    """(denoise_fn, image_shape, label_dim, precond, config) of a model for `make_sample_fn`.
+    """(denoise_fn, image_shape, label_dim, process, config) of a model for `make_sample_fn`.
 
     `checkpoint`: a reference snapshot pickle (`convert.load_snapshot`), or a directory of training
     checkpoints (`load_training_checkpoint`). Otherwise `workdir`: a folder made by `--mode=convert`
     (`convert.load_converted`), else its training checkpoints. `denoise_fn` is a `BoundDenoiser` over the
-    EMA network's variables (preconditioned, NHWC); image_shape is (H, W, C).
+    EMA network's variables (the process's model, e.g. D of Eq. 7; NHWC); image_shape is the data's (H, W, C).
     """
     from edm_jax import convert
 
@@ -893,5 +771,5 @@ def load_model(workdir=None, checkpoint=None, *, dtype=jnp.float32) -> LoadedMod
         raise ValueError("load_model needs checkpoint= (a reference .pkl) or workdir= (a converted or training run)")
     config = snap.config
     image_shape = (int(config["img_resolution"]), int(config["img_resolution"]), int(config["img_channels"]))
-    denoise = BoundDenoiser(snap.precond.denoiser(snap.module.apply), snap.params)
-    return LoadedModel(denoise, image_shape, int(config.get("label_dim") or 0), snap.precond, config)
+    denoise = BoundDenoiser(snap.process.model(snap.module.apply), snap.params)
+    return LoadedModel(denoise, image_shape, int(config.get("label_dim") or 0), snap.process, config)

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from edm_jax.losses import draw_loss_randomness
 from edm_jax.precond import EDMPrecond
 
-__all__ = ["classifier_guided", "classifier_log_prob", "classifier_free", "classifier_loss"]
+__all__ = ["classifier_guided", "classifier_log_prob", "classifier_free", "classifier_loss", "noisy_images"]
 
 
 def _float_dtype(x):
@@ -190,17 +190,11 @@ def classifier_loss(apply_fn: Callable, variables: Any, images, labels, key=None
         normals) and `noise` (unit normals, images' shape) explicitly.
     """
     precond = EDMPrecond() if precond is None else precond
-    images = jnp.asarray(images, jnp.float32)
     labels = _check_labels(labels, images.shape[0], what="classifier_loss")
-    if rnd is None or noise is None:
-        if key is None:
-            raise ValueError("classifier_loss: pass either `key` or both `rnd` [N] and `noise` (images' shape)")
-        key_rnd, key_noise = draw_loss_randomness(key, images, "normal")
-        rnd = key_rnd if rnd is None else rnd
-        noise = key_noise if noise is None else noise
-    sigma, bcast = _per_example(jnp.exp(jnp.asarray(rnd, jnp.float32) * P_std + P_mean), images)
+    x_noisy, sigma = noisy_images(images, key, rnd=rnd, noise=noise, P_mean=P_mean, P_std=P_std)
+    _, bcast = _per_example(sigma, x_noisy)
     _, _, c_in, c_noise = precond.coefficients(sigma)
-    x_in = c_in.reshape(bcast) * (images + sigma.reshape(bcast) * jnp.asarray(noise, jnp.float32))
+    x_in = c_in.reshape(bcast) * x_noisy
     if train:
         if dropout_key is None:
             raise ValueError("classifier_loss(train=True) needs `dropout_key` for the network's dropout")
@@ -209,3 +203,18 @@ def classifier_loss(apply_fn: Callable, variables: Any, images, labels, key=None
         logits = apply_fn(variables, x_in, c_noise)
     logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
     return -jnp.sum(labels.astype(jnp.float32) * logp, axis=-1)
+
+
+def noisy_images(images, key=None, *, rnd=None, noise=None, P_mean: float = -1.2, P_std: float = 1.2):
+    """(x₀ + σ n, σ [N]) with ln σ ~ N(P_mean, P_std²) and n ~ N(0, I): the σ family's noisy training
+    input for a noise-aware classifier (Section 5's p_train). `key` is one key or N per-example keys (as
+    `edm_jax.losses`); or pass `rnd` [N] (unit normals) and `noise` (unit normals, images' shape)."""
+    images = jnp.asarray(images, jnp.float32)
+    if rnd is None or noise is None:
+        if key is None:
+            raise ValueError("classifier_loss: pass either `key` or both `rnd` [N] and `noise` (images' shape)")
+        key_rnd, key_noise = draw_loss_randomness(key, images, "normal")
+        rnd = key_rnd if rnd is None else rnd
+        noise = key_noise if noise is None else noise
+    sigma, bcast = _per_example(jnp.exp(jnp.asarray(rnd, jnp.float32) * P_std + P_mean), images)
+    return images + sigma.reshape(bcast) * jnp.asarray(noise, jnp.float32), sigma

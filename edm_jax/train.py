@@ -48,7 +48,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from edm_jax import augment as augment_lib
-from edm_jax.losses import LOSSES
+from edm_jax.diffusion.sampler_settings import SamplerSettings
 
 __all__ = [
     "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
@@ -222,17 +222,16 @@ def _per_example_net(apply_fn):
     return net
 
 
-def make_train_step(*, apply_fn, precond, loss_kind: str, loss_kwargs: Optional[Mapping] = None,
-                    tx: optax.GradientTransformation, global_batch: int, num_rounds: int = 1,
+def make_train_step(*, apply_fn, process, tx: optax.GradientTransformation, global_batch: int, num_rounds: int = 1,
                     base_lr: float = 1e-3, lr_rampup_img: float = 10e6, ema_halflife_img: float = 500e3,
                     ema_rampup_ratio: Optional[float] = 0.05, loss_scaling: float = 1.0,
                     augment_p: float = 0.0, augment_kwargs: Optional[Mapping] = None,
                     mesh: Optional[Mesh] = None) -> Callable:
     """Build the pure `train_step(state, batch, key) -> (state, metrics)`.
 
-    apply_fn: the network's `module.apply`. precond: an `edm_jax.precond` preconditioner; D is
-      `precond.denoiser(...)`. loss_kind / loss_kwargs: a key of `edm_jax.losses.LOSSES` and its
-      hyperparameters. tx: `make_optimizer(...)`. global_batch: B, images per step over all devices.
+    apply_fn: the network's raw `module.apply`. process: the forward process
+      (`edm_jax.diffusion.process`): `process.model` wraps the network into the model it trains
+      (EDM: D of Eq. 7) and `process.loss` is the per-element loss (Eq. 8). tx: `make_optimizer(...)`. global_batch: B, images per step over all devices.
     num_rounds: gradient-accumulation rounds R (from `plan_batch`); the batch is split into R micro-batches
       that each keep an equal share on every device, and their gradients are summed in a `lax.scan`.
     base_lr, lr_rampup_img: `learning_rate`. ema_halflife_img, ema_rampup_ratio: `ema_beta`.
@@ -249,14 +248,12 @@ def make_train_step(*, apply_fn, precond, loss_kind: str, loss_kwargs: Optional[
     metrics: float32 scalars 'loss' (mean per-element loss over the batch, before loss scaling), 'lr' and
       'ema_beta' (the values used by this step), 'nonfinite_grads' (entries replaced by nan_to_num).
     """
-    loss_fn = LOSSES[loss_kind]
-    loss_kwargs = dict(loss_kwargs or {})
     augment_kwargs = dict(augment_kwargs or {})
     apply_kwargs = {k: augment_kwargs.pop(k) for k in _APPLY_AUGMENT_KEYS if k in augment_kwargs}
     sample_kwargs = augment_kwargs
     if global_batch % num_rounds:
         raise ValueError(f"global batch {global_batch} is not divisible into {num_rounds} accumulation rounds")
-    denoise = precond.denoiser(_per_example_net(apply_fn))
+    model = process.model(_per_example_net(apply_fn))
 
     def split_rounds(x):
         # Round r takes the examples i with i % R == r of the batch it is given: this device's share under
@@ -275,8 +272,8 @@ def make_train_step(*, apply_fn, precond, loss_kind: str, loss_kwargs: Optional[
 
         def objective(params):
             variables = {"params": params, **buffers}
-            fn = lambda x, sigma, lab, al: denoise(variables, x, sigma, lab, al, dropout_keys=k_drop)
-            loss = loss_fn(fn, images, labels, key=k_loss, augment_labels=augment_labels, **loss_kwargs)
+            fn = lambda x, level, lab, al: model(variables, x, level, lab, al, dropout_keys=k_drop)
+            loss = process.loss(fn, images, labels, key=k_loss, augment_labels=augment_labels)
             total = jnp.sum(loss)
             return total * (loss_scaling / global_batch), total
 
@@ -369,7 +366,7 @@ def _require(config, *names):
     for name in names:
         if name not in config:
             raise ValueError(f"the config has no '{name}' section; start from configs/quickstart.py or "
-                             f"configs/cifar10_edm.py, which define data, model, precond, loss, augment, train "
+                             f"configs/cifar10_edm.py, which define data, model, process, augment, train "
                              f"and sample")
 
 
@@ -475,22 +472,20 @@ def _memory_text() -> str:
         return "mem n/a"
 
 
-def make_grid_sampler(module, precond, *, mesh: Mesh, shape, label_dim: int, num_images: int, seed: int,
+def make_grid_sampler(module, process, *, mesh: Mesh, shape, label_dim: int, num_images: int, seed: int,
                       num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     """A function EMA variables -> uint8 images [num_images, H, W, C] for the snapshot grids.
 
     Fixed latents (image i from `fold_in(key(seed), i)`) and class labels (i mod label_dim), so the grids
-    of successive snapshots show the same images as training progresses. Deterministic Heun sampler
-    (Algorithm 1) with the σ range clamped to the preconditioner's, as the reference's generate.py does.
+    of successive snapshots show the same images as training progresses. The process's deterministic
+    sampler (σ family: Heun, Algorithm 1) with its range clamped to the network's, as generate.py does.
     """
-    from edm_jax import sampling
-
-    denoise = precond.denoiser(module.apply)
-    sigma_min = max(sigma_min, precond.sigma_min)
-    sigma_max = min(sigma_max, precond.sigma_max)
+    model = process.model(module.apply)
+    run = process.sampler(process.sampler_settings(
+        base=SamplerSettings(num_steps=int(num_steps), sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)))
     base = jax.random.key(seed)
-    latents = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base, i), tuple(shape)))(
-        jnp.arange(num_images, dtype=jnp.uint32))
+    latents = process.prior(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_images, dtype=jnp.uint32)),
+                            tuple(shape))
     labels = jax.nn.one_hot(jnp.arange(num_images) % label_dim, label_dim) if label_dim else None
     rep = _replicated(mesh)
     data = NamedSharding(mesh, P("data")) if num_images % mesh.size == 0 else rep
@@ -498,10 +493,8 @@ def make_grid_sampler(module, precond, *, mesh: Mesh, shape, label_dim: int, num
     labels = None if labels is None else jax.device_put(labels, data)
 
     def sample(variables, latents, labels):
-        fn = lambda x, sigma, class_labels: denoise(variables, x, sigma, class_labels)
-        x = sampling.edm_sampler(fn, latents, labels, num_steps=num_steps, sigma_min=sigma_min,
-                                 sigma_max=sigma_max, rho=rho, round_sigma=precond.round_sigma)
-        return jnp.clip(x * 127.5 + 128, 0, 255).astype(jnp.uint8)  # the reference's image conversion
+        x = run(lambda z, level, class_labels: model(variables, z, level, class_labels), latents, labels)
+        return jnp.clip(process.to_data(x) * 127.5 + 128, 0, 255).astype(jnp.uint8)  # the reference's conversion
 
     sample = jax.jit(sample, in_shardings=(rep, data, data), out_shardings=rep)
     return lambda variables: np.asarray(sample(variables, latents, labels))
@@ -529,7 +522,7 @@ def save_image_grid(images: np.ndarray, path: str, min_tile: int = 64):
 def train_and_evaluate(config, workdir: str):
     """Train as the config says, in `workdir`, resuming from its newest checkpoint if there is one.
 
-    config: an ml_collections ConfigDict with sections data, model, precond, loss, augment, train, sample
+    config: an ml_collections ConfigDict with sections data, model, process (or, in older run directories, precond + loss), augment, train, sample
       (configs/cifar10_edm.py lists every field). workdir: the run directory; it receives checkpoints/
       (orbax: train state incl. EMA and Adam, step = data position, seed), config.json (the resolved
       config), log.txt, metrics.jsonl (one record per tick) and samples/ (a PNG grid of EMA samples per
@@ -542,10 +535,10 @@ def train_and_evaluate(config, workdir: str):
     the steps per tick (not restarted on resume), so a resumed run snapshots where an uninterrupted one does.
     """
     maybe_initialize_distributed()
-    _require(config, "data", "model", "precond", "loss", "augment", "train", "sample")
+    _require(config, "data", "model", "augment", "train", "sample")
     from edm_jax import data as data_lib
     from edm_jax.checkpoint import Checkpointer
-    from edm_jax.precond import make_precond
+    from edm_jax.interop.rundir import process_from_config
 
     t_start = time.time()
     tc, sc = config.train, config.sample
@@ -582,7 +575,7 @@ def train_and_evaluate(config, workdir: str):
             log.info("data: %r, %d images of %s, label_dim %d", dataset.name, len(dataset), "x".join(map(str, shape)),
                      label_dim)
 
-            # ---- Network, preconditioning, loss, augmentation (train.py's network/loss/augment kwargs).
+            # ---- Process (preconditioning + loss), network, augmentation (train.py's network/loss/augment kwargs).
             augment = _as_dict(config.augment)
             augment_p = float(augment.pop("p", 0.0))
             unknown = sorted(set(augment) - set(_SAMPLE_AUGMENT_KEYS) - set(_APPLY_AUGMENT_KEYS))
@@ -590,11 +583,9 @@ def train_and_evaluate(config, workdir: str):
                 raise ValueError(f"the augment section has unknown field(s) {unknown}; valid: p, "
                                  f"{', '.join(_SAMPLE_AUGMENT_KEYS + _APPLY_AUGMENT_KEYS)}")
             augment_dim = AUGMENT_DIM if augment_p > 0 else 0
-            precond = make_precond(config.precond.kind, **_as_dict(config.precond.get("kwargs")))
-            if config.loss.kind not in LOSSES:
-                raise ValueError(f"loss.kind={config.loss.kind!r} is not a loss; choose one of {sorted(LOSSES)}")
-            out_channels = shape[2] * (2 if config.precond.kind == "iddpm" else 1)  # iDDPM: learned variance
-            module = build_network(_as_dict(config.model), resolution=shape[0], channels=shape[2],
+            process = process_from_config(config)
+            in_channels, out_channels = process.network_channels(shape[2])
+            module = build_network(_as_dict(config.model), resolution=shape[0], channels=in_channels,
                                    label_dim=label_dim, augment_dim=augment_dim, out_channels=out_channels)
             tx = make_optimizer(tc.lr, tc.adam_b1, tc.adam_b2, tc.adam_eps)
             log.info("devices: %d x %s in %d process(es); global batch %d = %d per device x %d round(s); %d steps "
@@ -605,7 +596,8 @@ def train_and_evaluate(config, workdir: str):
             # ---- State: the newest loadable checkpoint, or a fresh initialisation.
             # XLA:CPU spends minutes optimising the initialisers' random draws, which run once: skip that there.
             cpu_init = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-            init = lambda key, options=None: create_train_state(key, module, shape, label_dim, augment_dim, tx,
+            net_shape = (*shape[:2], in_channels)  # the network's input: the process's state, not always the image
+            init = lambda key, options=None: create_train_state(key, module, net_shape, label_dim, augment_dim, tx,
                                                                 mesh, compiler_options=options)
             seed = int(tc.seed)
             rep = _replicated(mesh)
@@ -638,14 +630,13 @@ def train_and_evaluate(config, workdir: str):
 
             # ---- The compiled step and the snapshot sampler.
             step_fn = compile_train_step(make_train_step(
-                apply_fn=module.apply, precond=precond, loss_kind=config.loss.kind,
-                loss_kwargs=_as_dict(config.loss.get("kwargs")), tx=tx, global_batch=global_batch,
+                apply_fn=module.apply, process=process, tx=tx, global_batch=global_batch,
                 num_rounds=rounds, base_lr=tc.lr, lr_rampup_img=tc.lr_rampup_kimg * 1000,
                 ema_halflife_img=tc.ema_halflife_kimg * 1000, ema_rampup_ratio=tc.ema_rampup_ratio,
                 loss_scaling=tc.loss_scaling, augment_p=augment_p, augment_kwargs=augment, mesh=mesh), mesh)
             grid = None
             if int(sc.num_images) > 0:
-                grid = make_grid_sampler(module, precond, mesh=mesh, shape=shape, label_dim=label_dim,
+                grid = make_grid_sampler(module, process, mesh=mesh, shape=shape, label_dim=label_dim,
                                          num_images=int(sc.num_images), seed=int(sc.seed),
                                          num_steps=int(sc.num_steps), sigma_min=sc.sigma_min,
                                          sigma_max=sc.sigma_max, rho=sc.rho)

@@ -14,7 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from edm_jax import classifier_train  # noqa: E402
+from edm_jax import classifier_train, guided_models  # noqa: E402
 from edm_jax.guidance import classifier_log_prob  # noqa: E402
 from edm_jax.precond import EDMPrecond  # noqa: E402
 
@@ -160,8 +160,8 @@ def test_classifier_guidance_flag_wiring(tmp_path):
         return np.asarray(fn.sample_seeds([0, 1])[0])
 
     plain = images(model)
-    guided = lambda scale: main._with_classifier_guidance(model, 4, str(tmp_path / "clf"), scale)  # noqa: E731
+    guided = lambda scale: guided_models.with_classifier_guidance(model, 4, str(tmp_path / "clf"), scale)  # noqa: E731
     np.testing.assert_array_equal(images(guided(0.0)), plain)
     assert np.abs(images(guided(200.0)).astype(int) - plain).max() > 0
     with pytest.raises(ValueError, match="has 4 classes but the model samples 10"):
-        main._with_classifier_guidance(model, 10, str(tmp_path / "clf"), 1.0)
+        guided_models.with_classifier_guidance(model, 10, str(tmp_path / "clf"), 1.0)

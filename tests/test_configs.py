@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # presets import configs.cifar10_edm, as they do under main.py
 
 from edm_jax import losses, train  # noqa: E402
-from edm_jax.precond import make_precond  # noqa: E402
+from edm_jax.interop.rundir import process_from_config  # noqa: E402
 
 
 def load(name, arg=None):
@@ -47,9 +47,9 @@ def parameter_count(config, resolution, label_dim):
 ])
 def test_preset_rebuilds_the_paper_network(name, arg, resolution, label_dim, count, kinds):
     config = load(name, arg)
-    assert (config.precond.kind, config.loss.kind) == kinds
-    make_precond(config.precond.kind, **config.precond.kwargs)  # hyperparameter names are the library's
-    assert set(config.loss.kwargs) <= set(losses.DEFAULTS[config.loss.kind])
+    process = process_from_config(config)  # hyperparameter names are the library's (unknown ones raise)
+    assert (process.name, process.loss_kind) == kinds
+    assert set(dict(process.loss_kwargs)) <= set(losses.DEFAULTS[process.loss_kind])
     assert config.data.use_labels == bool(label_dim)
     assert parameter_count(config, resolution, label_dim) == count
 

@@ -349,12 +349,12 @@ def test_load_model_from_a_reference_snapshot():
     """load_model(checkpoint=.pkl) binds the snapshot's EMA variables to its preconditioned network."""
     from edm_jax import convert
 
-    denoise, image_shape, label_dim, precond, config = gen.load_model(checkpoint=str(FIXTURES / "snapshot_small.pkl"))
+    denoise, image_shape, label_dim, process, config = gen.load_model(checkpoint=str(FIXTURES / "snapshot_small.pkl"))
     assert config["network"]["model_type"] == "SongUNet"
     snap = convert.load_snapshot(FIXTURES / "snapshot_small.pkl")
-    assert isinstance(denoise, gen.BoundDenoiser) and precond == snap.precond
+    assert isinstance(denoise, gen.BoundDenoiser) and process == snap.process
     assert image_shape == (snap.config["img_resolution"],) * 2 + (snap.config["img_channels"],)
     assert label_dim == snap.config["label_dim"] == 10
     jax.tree.map(np.testing.assert_array_equal, denoise.params, snap.params)
-    assert gen.settings_for(image_shape[0] if image_shape[0] in (32, 64) else 32, precond=precond).sigma_range() == (
+    assert gen.settings_for(image_shape[0] if image_shape[0] in (32, 64) else 32, precond=process.precond).sigma_range() == (
         0.002, 80.0)

@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from edm_jax import train
 from edm_jax.losses import LOSSES
-from edm_jax.precond import make_precond
+from edm_jax.diffusion.process import sigma_process
+from edm_jax.interop.rundir import process_from_config
 
 FAST = {"xla_backend_optimization_level": 0}
 B, RES, LABELS = 32, 8, 4
@@ -82,7 +83,7 @@ def _setup(devices, rounds=1, module=None, augment_p=0.3, start_step=7, **hyper)
     state = jax.device_put(state, NamedSharding(mesh, P()))  # fresh buffers: the step donates them
     kw = dict(lr_rampup_img=10 * B, ema_halflife_img=2 * B, ema_rampup_ratio=0.05)
     kw.update(hyper)
-    step = train.make_train_step(apply_fn=module.apply, precond=make_precond("edm"), loss_kind="edm", tx=tx,
+    step = train.make_train_step(apply_fn=module.apply, process=sigma_process("edm"), tx=tx,
                                  global_batch=B, num_rounds=rounds, base_lr=base_lr, augment_p=augment_p,
                                  mesh=mesh, **kw)
     return mesh, state, train.compile_train_step(step, mesh, FAST)
@@ -187,8 +188,7 @@ def test_loss_decreases_on_fixed_batch():
     mesh, state, step = _setup(jax.devices(), module=module, augment_p=0, start_step=0, base_lr=1e-2,
                                lr_rampup_img=0)
     batch = _batch(1)
-    precond = make_precond("edm")
-    denoise = precond.denoiser(lambda v, x, c, cl, al: module.apply(v, x, c, cl, al))
+    denoise = sigma_process("edm").model(lambda v, x, c, cl, al: module.apply(v, x, c, cl, al))
     eval_key = jax.random.key(7)  # the same σ and noise before and after
 
     @jax.jit
@@ -391,7 +391,7 @@ def test_configs():
     assert (t.tick_kimg, t.snapshot_ticks, t.state_dump_ticks) == (50, 50, 500)
     assert (cifar.model.dropout, cifar.augment.p, cifar.model.channel_mult, cifar.model.model_channels) == (
         0.13, 0.12, (2, 2, 2), 128)
-    assert (cifar.precond.kind, cifar.loss.kind, cifar.data.tfds_name) == ("edm", "edm", "cifar10")
+    assert (cifar.process.kind, process_from_config(cifar).loss_kind, cifar.data.tfds_name) == ("edm", "edm", "cifar10")
     net = train.build_network(cifar.model.to_dict(), resolution=32, channels=3, label_dim=10, augment_dim=9,
                               out_channels=3)
     assert net.model_channels == 128 and net.dropout == 0.13 and net.augment_dim == 9
@@ -416,7 +416,7 @@ def test_sampling_reads_the_training_run(background_runs):
                                   np.load(background_runs.straight / "final_ema.npy"))
     assert model.image_shape == (8, 8, 3) and model.label_dim == 4
     sample_fn = generate.make_sample_fn(model.denoise, image_shape=model.image_shape, label_dim=model.label_dim,
-                                        settings=generate.SamplerSettings(num_steps=2), precond=model.precond,
+                                        settings=generate.SamplerSettings(num_steps=2), process=model.process,
                                         mesh=generate.make_mesh(jax.devices()[:1]))
     images, labels = sample_fn.sample_seeds([0, 1])
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (2,)
