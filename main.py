@@ -80,9 +80,12 @@ def config_name(config_arg: str | None) -> str:
 
 
 def _fail(message: str) -> None:
-    """One clear sentence on stderr and exit status 2 (no traceback for user errors)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    """One clear sentence on stderr and exit status 2 (no traceback for user errors). It is the last line:
+    the process ends here, so no library's shutdown hook (orbax's event loops) prints after it."""
+    std_logging.shutdown()
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def _sample_fn(workdir):
@@ -183,14 +186,13 @@ def _evaluate(workdir):
 
 
 class _OwnInfoOnly(std_logging.Filter):
-    """Lets INFO through only from this repository's code. Orbax reports every stage of every checkpoint
+    """Lets INFO through only from this repository's loggers ('edm_jax'). Orbax reports every stage of every checkpoint
     save at INFO through absl (a dozen lines per save) and JAX its backend probing; that buries the
     progress lines. Their warnings and errors still show; `-v 1` shows everything."""
 
-    _root = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
     def filter(self, record):
-        return record.levelno >= std_logging.WARNING or record.pathname.startswith(self._root)
+        # By logger name, not file path: a virtualenv inside the repository holds the libraries too.
+        return record.levelno >= std_logging.WARNING or record.name == "edm_jax" or record.name.startswith("edm_jax.")
 
 
 def main(argv):
@@ -226,14 +228,16 @@ def main(argv):
         _fail(f"--mode={FLAGS.mode} needs --config=configs/<name>.py (see configs/)")
     if not os.path.isfile(config_arg.partition(":")[0]):
         _fail(f"config file {config_arg.partition(':')[0]} not found; the presets live in configs/")
-    logging.info("mode=%s config=%s workdir=%s", FLAGS.mode, config_arg, workdir)
+    std_logging.getLogger("edm_jax").info("mode=%s config=%s workdir=%s", FLAGS.mode, config_arg, workdir)
 
     if FLAGS.mode == "train":
         from edm_jax import checkpoint, data, train
+        from edm_jax.interop.runlock import WorkdirLockedError
 
         try:
             train.train_and_evaluate(FLAGS.config, workdir)
-        except (ValueError, OSError, checkpoint.CheckpointError, data.DatasetUnavailableError) as e:
+        except (ValueError, OSError, checkpoint.CheckpointError, data.DatasetUnavailableError,
+                WorkdirLockedError) as e:
             _fail(str(e))  # bad config, missing data or a foreign checkpoint: one sentence, no traceback
 
     if FLAGS.mode == "train_classifier":

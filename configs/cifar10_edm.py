@@ -127,6 +127,7 @@ def get_config(arg=None):
     c.train.loss_scaling = 1.0                         # --ls
     c.train.total_kimg = 200000.0                        # --duration 200 (Mimg)
     c.train.tick_kimg = 50.0                             # --tick
+    c.train.progress_sec = 30.0                          # also a progress line (step, %, ETA) this often
     c.train.snapshot_ticks = 50                        # --snap: checkpoint + sample grid every 2.5 Mimg
     c.train.state_dump_ticks = 500                     # --dump: these checkpoints are kept forever (25 Mimg)
     c.train.max_to_keep = 3                            # newest checkpoints kept besides those

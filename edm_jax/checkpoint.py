@@ -9,24 +9,95 @@ The reference (training_loop.py) writes the EMA as `network-snapshot-*.pkl` and 
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a process killed
 mid-save leaves the previous checkpoints intact and the half-written one is ignored.
+
+Bit rot and edits after the save are caught by checksums: `meta['checksums']` holds, per array, the sum of its
+32-bit words and a position-weighted sum (mod 2**32, computed on device, so saving costs one small
+transfer); a restore recomputes and compares them (checkpoints without them: non-finite or absurd values
+are refused instead). A checkpoint that fails is moved aside to `<directory>.damaged/` on request, so that
+the run saves that step again, and the previous one is restored. A checkpoint that loads but does not fit
+this run's train state (another network) is *incompatible*, not damaged: it is left alone and the error
+says so.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointError"]
+__all__ = ["Checkpointer", "CheckpointError", "checksums", "verify_checksums"]
 
 log = logging.getLogger("edm_jax")
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint in the directory could be restored into the current train state."""
+
+
+class _Damaged(ValueError):
+    """The checkpoint's contents differ from what was written (checksums, impossible values)."""
+
+
+class _Incompatible(ValueError):
+    """The checkpoint is readable but holds another train state (tree, shapes or dtypes differ)."""
+
+
+def _path_name(path) -> str:
+    """'ema/enc_8x8_conv/kernel' for a key path of a TrainState or of the plain dicts orbax restores."""
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))))
+    return "/".join(parts)
+
+
+def _words(x):
+    """The array's bits as uint32 words (flattened); 64-bit values give two words each."""
+    x = jnp.ravel(x)
+    if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
+
+
+@jax.jit
+def _sums(leaves):
+    def one(x):
+        w = _words(x)
+        i = jnp.arange(1, w.size + 1, dtype=jnp.uint32)
+        return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * i, dtype=jnp.uint32)])
+    return [one(x) for x in leaves]
+
+
+def checksums(tree) -> dict:
+    """{path: [sum of words, position-weighted sum]} of every array in `tree` (mod 2**32; any one bit flip
+    changes the first). Computed where the arrays live; only the sums move to the host."""
+    flat = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if not jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)]
+    sums = jax.device_get(_sums([x for _, x in flat]))
+    return {_path_name(p): [int(a), int(b)] for (p, _), (a, b) in zip(flat, sums)}
+
+
+def verify_checksums(tree, expected: Optional[Mapping], prefixes=("",)) -> None:
+    """Raise ValueError naming the first array whose checksum differs from `expected` (the ones under
+    `prefixes` only). Without checksums (older checkpoints): refuse non-finite or absurd (> 1e30) floats."""
+    if expected:
+        got = checksums(tree)
+        for name, want in expected.items():
+            if name.startswith(prefixes) and name in got and list(got[name]) != list(want):
+                raise _Damaged(f"checksum mismatch in {name}: the file changed after it was written")
+        return
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating) and x.size and not np.all(np.abs(x) < 1e30):
+            raise _Damaged(f"{_path_name(path)} holds non-finite or absurd values (max |x| "
+                             f"{np.nanmax(np.abs(x)):.3g}): damaged")
 
 
 class Checkpointer:
@@ -53,44 +124,61 @@ class Checkpointer:
         """Start saving `state` (a pytree of jax Arrays) and JSON-able `meta` as checkpoint `step`."""
         if step in self._manager.all_steps():
             return False
+        meta = {**meta, "checksums": checksums(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta)))
         return self._manager.save(int(step), args=args, force=True)
 
-    def restore_latest(self, abstract_state: Any):
+    def restore_latest(self, abstract_state: Any, *, move_damaged: bool = False):
         """Restore the newest checkpoint that loads, as (state, meta); None when there is none.
 
         `abstract_state`: the state's tree of `jax.ShapeDtypeStruct`s with shardings (e.g. from
-        `jax.eval_shape` + the mesh), so arrays come back placed as training expects. A checkpoint that
-        fails to load (truncated, corrupted) is skipped with a warning and the previous one is tried; if
-        all fail, CheckpointError names the directory, the first error and the fix.
+        `jax.eval_shape` + the mesh), so arrays come back placed as training expects. A damaged checkpoint
+        (truncated, bit flips: checksums) is skipped with a warning, moved aside if `move_damaged` (process 0
+        of a training run, which then saves that step again), and the previous one is tried. Checkpoints of
+        another train state are never called damaged: CheckpointError says they do not fit this config.
         """
         steps = self.steps()
         if not steps:
             return None
-        errors = []
+        damaged, incompatible = [], []
         for step in reversed(steps):
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
                 state, meta = restored["state"], dict(restored["meta"])
                 _check_restored(state, abstract_state)
+                verify_checksums(state, meta.get("checksums"))
             except Exception as e:  # noqa: BLE001 (any failure means: this one is unusable)
                 msg = f"{type(e).__name__}: {_first_line(e)}"
-                errors.append((step, msg))
-                log.warning("checkpoint %s is unreadable (%s); trying the previous one",
-                            os.path.join(self.directory, str(step)), msg)
+                if isinstance(e, _Incompatible) or (not isinstance(e, _Damaged) and _looks_incompatible(msg)):
+                    incompatible.append((step, msg))
+                    continue
+                damaged.append((step, msg))
+                where = os.path.join(self.directory, str(step))
+                if move_damaged:
+                    where = self._move_aside(step)
+                log.warning("checkpoint %d is damaged (%s), moved to %s; trying the previous one", step, msg, where)
                 continue
-            if errors:
+            if damaged or incompatible:
                 log.warning("resuming from checkpoint %d instead of the newest (%d)", step, steps[-1])
             return state, meta
-        seen = {}
-        for step, msg in errors:
-            seen.setdefault(msg, step)
-        reasons = "; ".join(f"step {step}: {msg}" for msg, step in list(seen.items())[:2])
-        raise CheckpointError(
-            f"none of the {len(steps)} checkpoints in {self.directory} can be restored into this run's train "
-            f"state ({reasons}); if the config changed, use a new --workdir, otherwise delete the damaged "
-            f"checkpoint directories.")
+        if incompatible:
+            step, msg = incompatible[0]
+            raise CheckpointError(
+                f"the checkpoints in {self.directory} hold a different train state than this config builds "
+                f"(step {step}: {msg}); they are intact: rerun with the config they were trained with (kept in "
+                f"each checkpoint's meta and in the workdir's config.json), or use a new --workdir.")
+        reasons = "; ".join(f"step {step}: {msg}" for step, msg in damaged[:2])
+        raise CheckpointError(f"all {len(steps)} checkpoints in {self.directory} are damaged ({reasons}); "
+                              f"start over with a new --workdir.")
+
+    def _move_aside(self, step: int) -> str:
+        """Move a damaged checkpoint out of the manager's sight (kept for inspection) and forget it."""
+        target = os.path.join(self.directory + ".damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
+        return target
 
     def wait(self):
         """Block until pending async saves are on disk."""
@@ -106,10 +194,15 @@ def _check_restored(state, abstract_state):
     got = jax.tree.structure(state)
     want = jax.tree.structure(abstract_state)
     if got != want:
-        raise ValueError("tree structure differs from this run's train state")
+        raise _Incompatible("tree structure differs from this run's train state")
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(abstract_state)):
         if a.shape != b.shape or a.dtype != b.dtype:
-            raise ValueError(f"array {a.shape} {a.dtype} where this run has {b.shape} {b.dtype}")
+            raise _Incompatible(f"array {a.shape} {a.dtype} where this run has {b.shape} {b.dtype}")
+
+
+def _looks_incompatible(msg: str) -> bool:
+    """Orbax's own words for a checkpoint of another tree or shape (it checks before reading data)."""
+    return any(w in msg.lower() for w in ("shape", "structure", "mismatch", "missing", "unexpected key"))
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:

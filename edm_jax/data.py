@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import zipfile
+import zlib
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -197,7 +198,11 @@ class _Archive:
         if self.is_dir:
             with open(os.path.join(self.path, name), "rb") as f:
                 return f.read()
-        return self._zip.read(name)
+        try:
+            return self._zip.read(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a bad CRC-32, cut or garbled data
+            raise ValueError(f"Dataset zip {self.path}: member {name} is damaged ({e}); re-create the zip or "
+                             "restore it from its source.") from None
 
     def close(self):
         if not self.is_dir:

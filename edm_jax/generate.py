@@ -2,10 +2,10 @@
 
 This is the reference's `generate.py` (notes §5.3) rebuilt around one jitted, sharded function:
 
-    denoise_fn, image_shape, label_dim, precond, config = load_model(checkpoint="edm-cifar10-32x32-cond-vp.pkl")
-    settings = settings_for(32, "cifar10", precond=precond)              # 18 Heun steps, σ ∈ [0.002, 80]
+    denoise_fn, image_shape, label_dim, process, config = load_model(checkpoint="edm-cifar10-32x32-cond-vp.pkl")
+    settings = process.sampler_settings(resolution=32, dataset="cifar10")  # 18 Heun steps, σ ∈ [0.002, 80]
     sample_fn = make_sample_fn(denoise_fn, image_shape=image_shape, label_dim=label_dim,
-                               settings=settings, mesh=make_mesh(), precond=precond)
+                               settings=settings, mesh=make_mesh(), process=process)
     generate(sample_fn, parse_seeds("0-49999"), batch=512, outdir="out")
 
 Randomness (DESIGN.md). Image s depends only on its seed: its key is `fold_in(key(base_seed), s)` and
@@ -696,7 +696,8 @@ def load_training_checkpoint(path, dtype=jnp.float32):
 
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(os.path.join(path, "state")):  # one step's folder
-        step_dir, workdir = path, os.path.dirname(os.path.dirname(path))
+        workdir = os.path.dirname(os.path.dirname(path))
+        step_dir, state, meta = _restore_first_intact([path])
     else:
         ckpt_dir = path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints")
         workdir = os.path.dirname(ckpt_dir)
@@ -705,14 +706,17 @@ def load_training_checkpoint(path, dtype=jnp.float32):
         if not steps:
             raise FileNotFoundError(f"{path} holds no training checkpoint (checkpoints/<step>/state) and no "
                                     "converted_config.json; train first, or pass --checkpoint=<reference .pkl>")
-        step_dir = os.path.join(ckpt_dir, str(steps[-1]))
+        step_dirs = [os.path.join(ckpt_dir, str(step)) for step in reversed(steps)]
+        step_dir, state, meta = _restore_first_intact(step_dirs)
     config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
+    if not meta.get("config") and not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: the training run's resolved config is needed to rebuild "
                                 "its network")
-    with open(config_path) as f:
-        config = json.load(f)
-    state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+    if meta.get("config"):  # the config the checkpoint was trained with, kept beside it
+        config = meta["config"]
+    else:
+        with open(config_path) as f:
+            config = json.load(f)
     ema = state["ema"]
     io = _network_io_from_params(ema)
     model = {**config["model"], "dtype": jnp.dtype(dtype).name}
@@ -731,6 +735,34 @@ def load_training_checkpoint(path, dtype=jnp.float32):
     }
     params = jax.tree.map(jnp.asarray, {"params": ema, **state.get("buffers", {})})
     return convert.Snapshot(config=snap_config, params=params, module=module, process=process)
+
+
+def _restore_first_intact(step_dirs):
+    """(step_dir, state, meta) of the first of `step_dirs` that restores and whose EMA and buffers match
+    their checksums; the damaged ones are skipped with a warning (as training does), never moved."""
+    import json
+    import logging
+
+    import orbax.checkpoint as ocp
+
+    from edm_jax.checkpoint import verify_checksums
+
+    errors = []
+    for step_dir in step_dirs:
+        try:
+            meta_path = os.path.join(step_dir, "meta", "metadata")
+            meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+            state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+            verify_checksums({"ema": state["ema"], "buffers": state.get("buffers", {})}, meta.get("checksums"),
+                             prefixes=("ema/", "buffers/"))
+            if errors:
+                logging.getLogger("edm_jax").warning("sampling from %s instead of the damaged newest checkpoint",
+                                                     step_dir)
+            return step_dir, state, meta
+        except Exception as e:  # noqa: BLE001 (any failure: this one is unusable, try the previous)
+            errors.append(f"{step_dir}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
+            logging.getLogger("edm_jax").warning("checkpoint %s is damaged; trying the previous one", errors[-1])
+    raise ValueError(f"no checkpoint could be read ({'; '.join(errors[:2])}); train again or use another --workdir")
 
 
 class LoadedModel(NamedTuple):

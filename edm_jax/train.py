@@ -444,6 +444,12 @@ class _Logs:
                     self._tensorboard = SummaryWriter(self.tensorboard_dir)
                 self._tensorboard.scalars(scalars, int(record["step"]), wall_time=record.get("time"))
 
+    def fatal(self, message: str):
+        """Write the run's fatal sentence to log.txt only (main.py prints it, as the last line on screen)."""
+        for handler in self._handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.emit(logging.LogRecord("edm_jax", logging.ERROR, "", 0, message, None, None))
+
     def close(self):
         if self._tensorboard is not None:
             self._tensorboard.close()
@@ -522,8 +528,8 @@ def save_image_grid(images: np.ndarray, path: str, min_tile: int = 64):
 def train_and_evaluate(config, workdir: str):
     """Train as the config says, in `workdir`, resuming from its newest checkpoint if there is one.
 
-    config: an ml_collections ConfigDict with sections data, model, process (or, in older run directories, precond + loss), augment, train, sample
-      (configs/cifar10_edm.py lists every field). workdir: the run directory; it receives checkpoints/
+    config: an ml_collections ConfigDict with sections data, model, process (older run directories: precond +
+      loss), augment, train, sample (configs/cifar10_edm.py lists every field). workdir: the run directory; it receives checkpoints/
       (orbax: train state incl. EMA and Adam, step = data position, seed), config.json (the resolved
       config), log.txt, metrics.jsonl (one record per tick) and samples/ (a PNG grid of EMA samples per
       snapshot). Returns the final TrainState.
@@ -537,22 +543,29 @@ def train_and_evaluate(config, workdir: str):
     maybe_initialize_distributed()
     _require(config, "data", "model", "augment", "train", "sample")
     from edm_jax import data as data_lib
-    from edm_jax.checkpoint import Checkpointer
+    from edm_jax import progress as progress_lib
+    from edm_jax.checkpoint import CheckpointError, Checkpointer
     from edm_jax.interop.rundir import process_from_config
+    from edm_jax.interrupts import GracefulStop
 
     t_start = time.time()
     tc, sc = config.train, config.sample
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
-    logs = _Logs(workdir, active=jax.process_index() == 0)
+    from edm_jax.interop.runlock import WorkdirLock
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None  # before anything is written
+    try:
+        logs = _Logs(workdir, active=jax.process_index() == 0)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     if tc.get("compilation_cache_dir"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(tc.compilation_cache_dir))
     ckpt = stream = None
+    stop = GracefulStop()
     try:
-        with jax.default_matmul_precision(tc.get("matmul_precision") or None):
-            if logs.active:
-                with open(os.path.join(workdir, "config.json"), "w") as f:
-                    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        with stop, jax.default_matmul_precision(tc.get("matmul_precision") or None):
 
             # ---- Devices and the batch split (training_loop.py: batch_gpu, num_accumulation_rounds).
             mesh = make_mesh()
@@ -606,7 +619,10 @@ def train_and_evaluate(config, workdir: str):
             ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.get("max_to_keep", 3),
                                 keep_period=snapshot_every * dump_ticks // max(1, int(tc.snapshot_ticks)) or None,
                                 async_save=tc.get("async_checkpointing", True))
-            restored = ckpt.restore_latest(abstract)
+            try:
+                restored = ckpt.restore_latest(abstract, move_damaged=logs.active)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}{_config_changes(workdir, config)}") from None
             if restored is None:
                 state = init(jax.random.fold_in(jax.random.key(seed), 0), cpu_init)
                 log.info("new run: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
@@ -622,6 +638,11 @@ def train_and_evaluate(config, workdir: str):
                     seed = int(meta["seed"])
                 log.info("resumed from %s/%d: step %d, %.1f kimg", ckpt.directory, meta["step"], meta["step"],
                          meta["nimg"] / 1000)
+            # Validated: only now the workdir's config.json may change (a refused rerun leaves it as it was).
+            resolved = json.loads(config.to_json_best_effort())
+            if logs.active:
+                with open(os.path.join(workdir, "config.json"), "w") as f:
+                    f.write(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
             start_step = int(jax.device_get(state.step))
             logs.truncate_metrics(start_step)
             if start_step >= total_steps:
@@ -648,16 +669,18 @@ def train_and_evaluate(config, workdir: str):
                 """Checkpoint (async) and sample grid; returns the seconds spent (the reference's maintenance)."""
                 t0 = time.time()
                 nimg = step * global_batch
-                ckpt.save(step, state, {"step": step, "nimg": nimg, "kimg": nimg / 1000,
-                                        "global_batch": global_batch, "seed": seed, "time": time.time()})
+                saved = ckpt.save(step, state, {"step": step, "nimg": nimg, "kimg": nimg / 1000, "config": resolved,
+                                                "global_batch": global_batch, "seed": seed, "time": time.time()})
                 path = "none (sample.num_images is 0)"
                 if grid is not None:
-                    images = grid(state.variables(ema=True))
+                    with progress_lib.phase(f"sampling the snapshot grid ({int(sc.num_images)} images, "
+                                            f"{int(sc.num_steps)} steps{'; compiles first' if step == first else ''})"):
+                        images = grid(state.variables(ema=True))
                     path = os.path.join(samples_dir, f"samples-{nimg // 1000:06d}kimg-step{step:07d}.png")
                     if logs.active:
                         save_image_grid(images, path)
-                log.info("snapshot at step %d: checkpoint %s, samples %s", step,
-                         os.path.join(ckpt.directory, str(step)), path)
+                log.info("snapshot at step %d: checkpoint %s%s, samples %s", step,
+                         os.path.join(ckpt.directory, str(step)), "" if saved else " (already there)", path)
                 return time.time() - t0
 
             # ---- The loop (training_loop.py's while True), with one host sync per tick.
@@ -665,14 +688,30 @@ def train_and_evaluate(config, workdir: str):
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       xflip=xflip, use_labels=label_dim > 0)
             log.info("training from step %d to %d", start_step, total_steps)
-            step, pending, last = start_step, [], {}
+            step, pending, last, first = start_step, [], {}, start_step + 1
             tick_start_step, tick_start_time, maintenance = step, time.time(), 0.0
+            progress = progress_lib.Progress(start_step, total_steps, float(tc.get("progress_sec", 30.0)))
+            log.info("compiling the train step (the first step includes it)...")
             while step < total_steps:
                 state, metrics = step_fn(state, shard_batch(next(stream), mesh), train_key)
                 pending.append(metrics)
                 step += 1
                 done = step >= total_steps
-                if not (step == 1 or step % steps_per_tick == 0 or done):
+                at_tick = step == 1 or step % steps_per_tick == 0 or done
+                if step == first:
+                    jax.block_until_ready(metrics)
+                    log.info("first step done (compiled) in %s", progress_lib.hms(time.time() - tick_start_time))
+                    progress.begin(step)
+                if stop.requested(step, at_tick):
+                    maintenance = snapshot(state, step)
+                    ckpt.wait()
+                    log.warning("stopped by %s at %s: checkpoint %s saved; rerun the same command to resume",
+                                stop.signal_name, progress.text(step), os.path.join(ckpt.directory, str(step)))
+                    return state
+                if not at_tick:
+                    if progress.due():
+                        loss = float(jax.device_get(metrics["loss"]))
+                        log.info("%s loss %.4f", progress.text(step), loss)
                     continue
                 pending = jax.device_get(pending)
                 dt = time.time() - tick_start_time
@@ -684,8 +723,9 @@ def train_and_evaluate(config, workdir: str):
                         "sec_per_tick": dt, "sec_per_kimg": dt / (n / 1000), "img_per_sec": n / dt,
                         "maintenance_sec": maintenance, "time": time.time()}
                 logs.metrics(last)
-                log.info("tick %-5d kimg %-9.1f loss %-8.4f lr %.2e ema_beta %.6f sec/tick %-7.1f sec/kimg %-7.3f "
-                         "img/s %-7.1f maint %-5.1f %s%s", last["tick"], last["kimg"], last["loss"], last["lr"],
+                progress.ticked()
+                log.info("%s tick %-5d kimg %-9.1f loss %-8.4f lr %.2e ema_beta %.6f sec/tick %-7.1f sec/kimg %-7.3f "
+                         "img/s %-7.1f maint %-5.1f %s%s", progress.text(step), last["tick"], last["kimg"], last["loss"], last["lr"],
                          last["ema_beta"], dt, last["sec_per_kimg"], last["img_per_sec"], maintenance,
                          _memory_text(),
                          f" nonfinite_grads {last['nonfinite_grads']:.0f}" if last["nonfinite_grads"] else "")
@@ -698,12 +738,37 @@ def train_and_evaluate(config, workdir: str):
                      "checkpoints in %s; sample grids in %s", step, step * global_batch / 1000, start_step, step,
                      _hms(time.time() - t_start), last.get("loss", float("nan")), ckpt.directory, samples_dir)
             return state
+    except (ValueError, OSError, CheckpointError, data_lib.DatasetUnavailableError) as e:
+        logs.fatal(f"error: {e}")  # the same sentence main.py prints last, in log.txt too
+        raise
     finally:
+        if lock is not None:
+            lock.release()
         if stream is not None:
             stream.close()
         if ckpt is not None:
             ckpt.close()
         logs.close()
+
+
+def _config_changes(workdir: str, config) -> str:
+    """'; changed: model.model_channels 16 -> 32' against the workdir's config.json (the last validated one)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return ""
+    new = json.loads(config.to_json_best_effort())
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat({k: old.get(k, {}) for k in ("model", "process", "precond", "data", "augment")}), \
+        flat({k: new.get(k, {}) for k in ("model", "process", "precond", "data", "augment")})
+    changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return f" This config changed {', '.join(changed[:5])} since they were written." if changed else ""
 
 
 def _hms(seconds: float) -> str:

@@ -234,12 +234,12 @@ def test_checkpoint_fallback_and_foreign(tmp_path, caplog):
     ckpt = Checkpointer(str(tmp_path), max_to_keep=3)
     with caplog.at_level("WARNING", logger="edm_jax"):
         restored, meta = ckpt.restore_latest(abstract)
-    assert meta["step"] == 1 and "unreadable" in caplog.text
+    assert meta["step"] == 1 and "damaged" in caplog.text
     np.testing.assert_array_equal(_flat(restored.ema), _flat(state.ema))
 
     foreign = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                            _initial_state(TinyNet(), 9, train.make_optimizer()))  # augment labels: more params
-    with pytest.raises(CheckpointError, match="use a new --workdir"):
+    with pytest.raises(CheckpointError, match="they are intact: rerun with the config"):
         ckpt.restore_latest(foreign)
     ckpt.close()
 
