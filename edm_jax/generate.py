@@ -61,6 +61,7 @@ __all__ = [
 
 LATENT_STREAM, LABEL_STREAM, NOISE_STREAM = 0, 1, 2  # fold_in constants of the per-seed sub-keys
 MAX_SEED = 2**32 - 1  # seeds are folded into keys as uint32
+MAX_SEEDS_PER_RUN = 10_000_000  # a seed list is materialised; beyond this it would exhaust host memory first
 NPZ_FILE, GRID_FILE, PARTS_DIR = "samples.npz", "grid.png", "parts"
 GRID_IMAGES = 64
 
@@ -89,6 +90,9 @@ def parse_seeds(spec) -> list[int]:
                 lo, hi = int(match.group(1)), int(match.group(2))
                 if lo > hi:
                     raise ValueError(f"seed range {part!r} runs backwards; write it as '{hi}-{lo}'")
+                if hi - lo + 1 + len(items) > MAX_SEEDS_PER_RUN:
+                    raise ValueError(f"seed range {part!r} holds {hi - lo + 1:,} seeds; one run takes at most "
+                                     f"{MAX_SEEDS_PER_RUN:,}: split it into several runs into the same --outdir")
                 items.extend(range(lo, hi + 1))
             elif part.isdigit():
                 items.append(int(part))
@@ -173,6 +177,11 @@ class SamplerSettings:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {list(allowed)}")
         if not isinstance(self.num_steps, (int, np.integer)) or self.num_steps < 2:
             raise ValueError(f"num_steps must be an integer ≥ 2, got {self.num_steps!r}")
+        if not self.rho > 0:
+            raise ValueError(f"rho must be > 0 (the time-step exponent of Eq. 5), got {self.rho}")
+        for name in ("sigma_min", "sigma_max"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a noise level > 0, got {getattr(self, name)}")
         if self.S_churn < 0 or self.S_noise < 0:
             raise ValueError(f"S_churn and S_noise must be ≥ 0, got {self.S_churn}, {self.S_noise}")
 
@@ -637,7 +646,8 @@ def generate(sample_fn: SampleFn, seeds, *, batch: int, outdir: str, fmt: str = 
         raise ValueError(f"this is process {jax.process_index()} of {real_count}; process_index/process_count "
                          "may only be overridden in a single-process run")
     multiple = math.lcm(sample_fn.data_size, process_count)
-    global_batch = -(-int(batch) // multiple) * multiple
+    # A batch larger than the run only pads: compute the seeds' count rounded up to the device multiple.
+    global_batch = -(-min(int(batch), len(seeds)) // multiple) * multiple
     if global_batch != batch and progress and process_index == 0:
         print(f"generate: batch {batch} rounded up to {global_batch} (a multiple of {sample_fn.data_size} data "
               f"shard(s) and {process_count} host(s))", flush=True)
