@@ -21,7 +21,8 @@ from configs.cifar10_edm import get_config as cifar10_config
 
 
 def get_config(arg=None):
-    del arg
+    if arg:
+        raise ValueError(f"configs/quickstart.py takes no argument, got {arg!r}; drop the ':{arg}'")
     c = cifar10_config("cond")  # the CIFAR-10 recipe and schema; only these values change
     c.data.source = "synthetic"
     c.data.tfds_name = None

@@ -63,6 +63,7 @@ __all__ = [
 
 LATENT_STREAM, LABEL_STREAM, NOISE_STREAM = 0, 1, 2  # fold_in constants of the per-seed sub-keys
 MAX_SEED = 2**32 - 1  # seeds are folded into keys as uint32
+MAX_SEEDS_PER_RUN = 10_000_000  # a seed list is materialised; beyond this it would exhaust host memory first
 NPZ_FILE, GRID_FILE, PARTS_DIR = "samples.npz", "grid.png", "parts"
 GRID_IMAGES = 64
 
@@ -91,6 +92,9 @@ def parse_seeds(spec) -> list[int]:
                 lo, hi = int(match.group(1)), int(match.group(2))
                 if lo > hi:
                     raise ValueError(f"seed range {part!r} runs backwards; write it as '{hi}-{lo}'")
+                if hi - lo + 1 + len(items) > MAX_SEEDS_PER_RUN:
+                    raise ValueError(f"seed range {part!r} holds {hi - lo + 1:,} seeds; one run takes at most "
+                                     f"{MAX_SEEDS_PER_RUN:,}: split it into several runs into the same --outdir")
                 items.extend(range(lo, hi + 1))
             elif part.isdigit():
                 items.append(int(part))
@@ -515,7 +519,8 @@ def generate(sample_fn: SampleFn, seeds, *, batch: int, outdir: str, fmt: str = 
         raise ValueError(f"this is process {jax.process_index()} of {real_count}; process_index/process_count "
                          "may only be overridden in a single-process run")
     multiple = math.lcm(sample_fn.data_size, process_count)
-    global_batch = -(-int(batch) // multiple) * multiple
+    # A batch larger than the run only pads: compute the seeds' count rounded up to the device multiple.
+    global_batch = -(-min(int(batch), len(seeds)) // multiple) * multiple
     if global_batch != batch and progress and process_index == 0:
         print(f"generate: batch {batch} rounded up to {global_batch} (a multiple of {sample_fn.data_size} data "
               f"shard(s) and {process_count} host(s))", flush=True)

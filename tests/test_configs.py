@@ -64,3 +64,9 @@ def test_preset_values_follow_the_reference_readme():
     assert imagenet.augment.p == 0 and imagenet.model.dtype == "bfloat16" and imagenet.model.dropout == 0.10
     with pytest.raises(ValueError, match="the config argument takes cond|uncond"):
         load("cifar10_vp", "vp")
+
+
+def test_quickstart_refuses_a_config_argument():
+    from configs import quickstart
+    with pytest.raises(ValueError, match="takes no argument"):
+        quickstart.get_config("bogus")

@@ -358,3 +358,23 @@ def test_load_model_from_a_reference_snapshot():
     jax.tree.map(np.testing.assert_array_equal, denoise.params, snap.params)
     assert gen.settings_for(image_shape[0] if image_shape[0] in (32, 64) else 32, precond=process.precond).sigma_range() == (
         0.002, 80.0)
+
+
+@pytest.mark.parametrize("changes, words", [(dict(rho=0.0), "rho must be > 0"),
+                                            (dict(sigma_min=-1.0), "sigma_min must be a noise level > 0"),
+                                            (dict(sigma_max=0.0), "sigma_max must be a noise level > 0")])
+def test_bad_sampler_numbers_are_one_sentence(changes, words):
+    with pytest.raises(ValueError, match=words):
+        gen.SamplerSettings().override(**changes)
+
+
+def test_a_huge_seed_range_is_refused_before_it_is_built():
+    with pytest.raises(ValueError, match="at most 10,000,000"):
+        gen.parse_seeds("0-999999999")
+    assert len(gen.parse_seeds("0-99999")) == 100000
+
+
+def test_a_small_run_computes_only_a_device_multiple(fns, tmp_path):
+    """16 seeds with --batch=64 on 8 devices compute one batch of 16, not 64."""
+    summary = gen.generate(fns["stoch8"], "0-15", batch=64, outdir=str(tmp_path), progress=False, grid=False)
+    assert summary.global_batch == 16 and summary.written == 16

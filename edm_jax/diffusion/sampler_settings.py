@@ -63,6 +63,11 @@ class SamplerSettings:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {list(allowed)}")
         if not isinstance(self.num_steps, (int, np.integer)) or self.num_steps < 2:
             raise ValueError(f"num_steps must be an integer ≥ 2, got {self.num_steps!r}")
+        if not self.rho > 0:
+            raise ValueError(f"rho must be > 0 (the time-step exponent of Eq. 5), got {self.rho}")
+        for name in ("sigma_min", "sigma_max"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be a noise level > 0, got {getattr(self, name)}")
         if self.S_churn < 0 or self.S_noise < 0:
             raise ValueError(f"S_churn and S_noise must be ≥ 0, got {self.S_churn}, {self.S_noise}")
 
