@@ -39,8 +39,15 @@ class GaussianMixture:
         mu, s, w = self._params(x.dtype)
         d = int(np.prod(mu.shape[1:]))
         var = s**2 + jnp.reshape(jnp.asarray(sigma, x.dtype), (-1, 1)) ** 2  # [N or 1, K]
-        flat = x.reshape(x.shape[0], 1, -1) - mu.reshape(1, mu.shape[0], -1)
-        logits = jnp.log(w) - 0.5 * jnp.sum(flat**2, axis=-1) / var - 0.5 * d * jnp.log(var)
+        flat_x, flat_mu = x.reshape(x.shape[0], -1), mu.reshape(mu.shape[0], -1)
+        # −½‖x − μ_k‖²/v_k − ½ d log v_k, less the k-independent −½‖x‖²/v_0 − ½ d log v_0 (softmax ignores
+        # it). Written this way ‖x‖² ≈ d σ² never meets a cancellation at large σ, which in float32 would
+        # cost ~1e-5 in the responsibilities (v_k − v_0 = s_k² − s_0² is formed exactly, not as a difference).
+        x2 = jnp.sum(flat_x**2, axis=-1, keepdims=True)  # [N, 1]
+        cross = flat_x @ flat_mu.T - 0.5 * jnp.sum(flat_mu**2, axis=-1)  # x·μ_k − ½‖μ_k‖², [N, K]
+        ds2 = s**2 - s[0] ** 2
+        logits = (jnp.log(w) + 0.5 * x2 * ds2 / (var * var[:, :1]) + cross / var
+                  - 0.5 * d * jnp.log1p(ds2 / var[:, :1]))
         return jax.nn.log_softmax(logits, axis=-1)
 
     def denoise(self, x, sigma, class_labels=None):
