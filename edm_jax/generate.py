@@ -51,6 +51,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from edm_jax import sampling, schedules
+from edm_jax.distributed import make_mesh  # the one mesh (devices in process order), re-exported here
 
 __all__ = [
     "parse_seeds", "seed_keys", "LATENT_STREAM", "LABEL_STREAM", "NOISE_STREAM", "SamplerSettings",
@@ -256,14 +257,6 @@ def settings_for(resolution: int, dataset: Optional[str] = None, *, precond=None
 
 # ---------------------------------------------------------------------------------------------------
 # The sharded sample function.
-
-def make_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A 1-D mesh, axis 'data', over `devices` (default: every device of every host), ordered by
-    (process, id) so that each host's devices hold a contiguous slice of every batch."""
-    devices = jax.devices() if devices is None else list(devices)
-    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), ("data",))
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BoundDenoiser:
