@@ -89,6 +89,8 @@ def initialize() -> bool:
     if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
         # CPU collectives across processes need gloo (the default has none across processes).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if address is not None and index != 0:
+        _wait_for_coordinator(address, init_timeout)
     try:
         # JAX's own heartbeat outlives ours, so that our watchdog's sentence is what a user sees.
         jax.distributed.initialize(address, count, index, initialization_timeout=init_timeout,
@@ -102,6 +104,26 @@ def initialize() -> bool:
     if jax.process_count() > 1:
         _Watchdog(peer_timeout).start()
     return True
+
+
+def _wait_for_coordinator(address: str, timeout: float):
+    """Poll the coordinator's TCP port until it accepts, or raise DistributedError after `timeout` s.
+    JAX's client aborts the whole process (no exception) when it cannot connect in time, so this
+    check comes first to turn that case into a sentence."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as e:
+            if time.monotonic() > deadline:
+                raise DistributedError(f"the coordinator JAX_COORDINATOR_ADDRESS={address} did not answer within "
+                                       f"{timeout:.0f} s ({e}); start process 0 there (or fix the address), or "
+                                       "raise EDM_JAX_INIT_TIMEOUT") from None
+            time.sleep(0.5)
 
 
 class _Watchdog:
