@@ -216,6 +216,13 @@ def main(argv):
             _fail(str(e))
         return
 
+    from edm_jax import distributed  # before anything touches a JAX backend; a no-op on one process
+
+    try:
+        distributed.initialize()
+    except distributed.DistributedError as e:
+        _fail(str(e))
+
     if FLAGS.mode in ("sample", "eval"):
         run = _sample if FLAGS.mode == "sample" else _evaluate
         try:

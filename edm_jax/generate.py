@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from edm_jax.diffusion.process import SigmaProcess
 from edm_jax.diffusion.sampler_settings import SAMPLERS, SamplerSettings, settings_for  # noqa: F401 (re-exported)
+from edm_jax.distributed import make_mesh  # noqa: F401 (the one mesh, devices in process order; re-exported)
 from edm_jax.precond import EDMPrecond
 
 __all__ = [
@@ -137,14 +138,6 @@ def seed_keys(seeds, base_seed: int = 0):
 
 # ---------------------------------------------------------------------------------------------------
 # The sharded sample function.
-
-def make_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A 1-D mesh, axis 'data', over `devices` (default: every device of every host), ordered by
-    (process, id) so that each host's devices hold a contiguous slice of every batch."""
-    devices = jax.devices() if devices is None else list(devices)
-    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), ("data",))
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BoundDenoiser:

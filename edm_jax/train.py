@@ -48,7 +48,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from edm_jax import augment as augment_lib
+from edm_jax import distributed
 from edm_jax.diffusion.sampler_settings import SamplerSettings
+from edm_jax.distributed import make_mesh
 
 __all__ = [
     "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
@@ -177,12 +179,6 @@ def plan_batch(global_batch: int, num_devices: int, batch_per_device: Optional[i
     return batch_per_device, per_device // batch_per_device
 
 
-def make_mesh(devices=None) -> Mesh:
-    """One 1-D mesh, axis 'data', over `devices` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else list(devices)
-    return Mesh(np.asarray(devices), ("data",))
-
-
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh):
     """Turn this process's slice of the global batch (host arrays, leading axis = local examples) into
     global jax Arrays sharded along 'data' (`jax.make_array_from_process_local_data`)."""
@@ -190,19 +186,9 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh):
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-def maybe_initialize_distributed():
-    """Start multi-process JAX when the environment asks for it; a no-op otherwise.
-
-    Multi-process runs (several hosts, or one process per GPU) are detected from the environment:
-    `JAX_COORDINATOR_ADDRESS` (plus `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`, read by JAX itself), or
-    `EDM_JAX_DISTRIBUTED=1` to let `jax.distributed.initialize()` auto-detect the cluster (TPU pods, SLURM,
-    Open MPI). Must run before anything touches a JAX backend. Single-process runs need nothing.
-    """
-    wanted = os.environ.get("EDM_JAX_DISTRIBUTED", "") not in ("", "0") or "JAX_COORDINATOR_ADDRESS" in os.environ
-    if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        return True
-    return False
+# One mesh for training, sampling and evaluation (devices in process order), and one start of the
+# distributed runtime for every mode: both live in edm_jax/distributed.py.
+maybe_initialize_distributed = distributed.initialize
 
 
 # ---------------------------------------------------------------------------------------------------
