@@ -247,7 +247,8 @@ class Snapshot:
       `loss` ({"kind", **hyperparameters} or None), `augment` (dict or None), `dataset` (dict or None),
       `img_resolution`, `img_channels`, `label_dim`.
     params: flax variables of the EMA network ({'params', ['buffers']}).
-    module: the flax module; precond: the `edm_jax.precond` object.
+    module: the flax module; precond: the `edm_jax.precond` object (None for a network without one, e.g.
+      a converted PSLD network, whose process owns its parameterisation).
     """
 
     config: dict
@@ -351,27 +352,35 @@ def convert_snapshot(path, workdir) -> str:
     in flax layout) and `<workdir>/converted_config.json` (`Snapshot.config`). `load_converted(workdir)`
     reads both back. Returns the checkpoint directory.
     """
+    snap = load_snapshot(path)
+    return write_converted(workdir, snap.params, snap.config,
+                           f"{snap.config['network']['model_type']}, {snap.config['precond']['kind']} "
+                           f"preconditioning, from {path}")
+
+
+def write_converted(workdir, variables, config: Mapping, description: str) -> str:
+    """Write converted network `variables` (orbax, `<workdir>/converted/`) and `config` (plain data with a
+    `network` entry, `{"model_type", **kwargs}`; `<workdir>/converted_config.json`), refusing to overwrite.
+    Prints one line with the parameter count and `description`. Returns the checkpoint directory."""
     import orbax.checkpoint as ocp
 
-    snap = load_snapshot(path)
     workdir = os.path.abspath(workdir)
     target = os.path.join(workdir, CONVERTED_DIR)
     if os.path.exists(target):
         raise SnapshotError(f"{target} already exists; pick another --workdir or remove it first")
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, snap.params)
+    checkpointer.save(target, variables)
     checkpointer.wait_until_finished()
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        json.dump(snap.config, f, indent=2)  # σ_max = inf is written as Infinity, which json reads back
-    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(snap.params["params"]))
-    print(f"converted {path}: {snap.config['network']['model_type']} with {n:,} parameters, "
-          f"{snap.config['precond']['kind']} preconditioning -> {target}")
+        json.dump(config, f, indent=2)  # σ_max = inf is written as Infinity, which json reads back
+    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
+    print(f"converted: {n:,} parameters, {description} -> {target}")
     return target
 
 
 def load_converted(workdir, dtype=jnp.float32) -> Snapshot:
-    """Read back what `convert_snapshot` wrote into `workdir`."""
+    """Read back what `convert_snapshot` (or `write_converted`) wrote into `workdir`."""
     import orbax.checkpoint as ocp
 
     workdir = os.path.abspath(workdir)
@@ -387,6 +396,8 @@ def load_converted(workdir, dtype=jnp.float32) -> Snapshot:
     variables = ocp.StandardCheckpointer().restore(os.path.join(workdir, CONVERTED_DIR), target)
     from edm_jax import precond as precond_lib
 
-    hyper = {k: v for k, v in config["precond"].items() if k != "kind"}
-    return Snapshot(config=config, params=variables, module=module,
-                    precond=precond_lib.make_precond(config["precond"]["kind"], **hyper))
+    precond = None  # a network with no EDM preconditioner (PSLD's: its process owns the parameterisation)
+    if config.get("precond"):
+        hyper = {k: v for k, v in config["precond"].items() if k != "kind"}
+        precond = precond_lib.make_precond(config["precond"]["kind"], **hyper)
+    return Snapshot(config=config, params=variables, module=module, precond=precond)

@@ -892,6 +892,9 @@ def load_model(workdir=None, checkpoint=None, *, dtype=jnp.float32) -> LoadedMod
     else:
         raise ValueError("load_model needs checkpoint= (a reference .pkl) or workdir= (a converted or training run)")
     config = snap.config
+    if snap.precond is None:
+        raise ValueError(f"{workdir} holds a converted network without an EDM preconditioner (a PSLD score "
+                         "network); the EDM samplers cannot run it")
     image_shape = (int(config["img_resolution"]), int(config["img_resolution"]), int(config["img_channels"]))
     denoise = BoundDenoiser(snap.precond.denoiser(snap.module.apply), snap.params)
     return LoadedModel(denoise, image_shape, int(config.get("label_dim") or 0), snap.precond, config)

@@ -37,7 +37,7 @@ from edm_jax.networks import SongUNet
 
 __all__ = ["PSLDCheckpointError", "PRESETS", "songunet_kwargs_from_score_fn", "psld_network_kwargs",
            "psld_noise_label", "songunet_map", "psld_shapes", "songunet_state_dict", "read_psld_state_dict",
-           "load_psld_checkpoint", "apply_psld_network"]
+           "check_fits", "load_psld_checkpoint", "convert_psld_checkpoint", "apply_psld_network"]
 
 
 class PSLDCheckpointError(ValueError):
@@ -376,3 +376,23 @@ def load_psld_checkpoint(path, network_kwargs: Mapping, ema: bool = True, dtype=
     check_fits(weights, module, source=os.fspath(path))
     return convert.network_from_state_dict({"model_type": "SongUNet", **kwargs},
                                            songunet_state_dict(weights, module), dtype=dtype)
+
+
+def convert_psld_checkpoint(path, workdir, network_kwargs: Mapping, process: Mapping | None = None,
+                            ema: bool = True) -> str:
+    """`main.py --mode=convert` for a PSLD checkpoint: the EMA network as an orbax checkpoint plus
+    `converted_config.json` in `workdir` (`edm_jax.convert.write_converted`; `convert.load_converted` reads
+    it back, with precond None). `process`: the config's process settings (Γ, ν, ...), recorded as given,
+    since the file does not hold them. Returns the checkpoint directory."""
+    module, variables = load_psld_checkpoint(path, network_kwargs, ema=ema)
+    kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(network_kwargs).items()}
+    config = {
+        "source": os.fspath(path), "format": "psld_lightning", "weights": _PREFIXES[bool(ema)].rstrip("."),
+        "network": {"model_type": "SongUNet", **kwargs},
+        "noise_label": "log_t" if module.embedding_type == "fourier" else "t",  # psld_noise_label
+        "output": "epsilon",  # ε̂ of z = [x, m]; the score is −L_t^{-T} ε̂ (the process's business)
+        "precond": None, "process": None if process is None else dict(process),
+        "img_resolution": int(module.img_resolution), "in_channels": int(module.in_channels),
+        "out_channels": int(module.out_channels), "label_dim": 0,
+    }
+    return convert.write_converted(workdir, variables, config, f"PSLD SongUNet ({config['weights']}) from {path}")
