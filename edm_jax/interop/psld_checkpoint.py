@@ -24,6 +24,7 @@ first parameter that differs. Names and shapes, for reference: `../shared/fixtur
 
 import functools
 import os
+import zipfile
 from typing import Mapping
 
 import flax.linen as nn
@@ -279,6 +280,9 @@ def read_psld_state_dict(path, ema: bool = True) -> dict:
     Reads with `edm_jax.torch_pickle.load_torch_save`: no torch, nothing from the file runs.
     """
     path = os.fspath(path)
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        raise PSLDCheckpointError(f"{path} is not a PyTorch Lightning checkpoint: not a torch.save zip archive "
+                                  "(the format Lightning has written since torch 1.6).")
     try:
         data = torch_pickle.load_torch_save(path)
     except torch_pickle.SnapshotFormatError as e:
