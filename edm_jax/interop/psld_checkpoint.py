@@ -143,12 +143,10 @@ def apply_psld_network(module, variables, z, t, train=False, rngs=None):
 # ---------------------------------------------------------------------------------------------------
 # The name map, from SongUNet's top-level call order.
 
-# SongUNet's UNetBlock layers in order -> PSLD's ResnetBlockBigGANpp layer (module i) or AttnBlockpp layer
-# (module i + 1; its NIN_0/1/2 together make qkv).
+# SongUNet's UNetBlock layers in order -> PSLD's ResnetBlockBigGANpp layer (module i). The attention tail
+# (norm2, qkv, proj) comes from the AttnBlockpp module i + 1, below.
 _BLOCK_LAYERS = dict(norm0="GroupNorm_0", conv0="Conv_0", affine="Dense_0", norm1="GroupNorm_1", conv1="Conv_1",
                      skip="Conv_2")
-_ATTN_LAYERS = ("norm2", "qkv", "proj")
-
 
 @functools.lru_cache(maxsize=16)
 def _structure(module):
@@ -181,6 +179,9 @@ def songunet_map(module) -> list:
     """
     if module.label_dim or module.augment_dim:
         raise ValueError("PSLD's network is unconditional: label_dim and augment_dim must be 0.")
+    if module.encoder_type not in ("residual", "standard") or module.decoder_type != "standard":
+        raise ValueError(f"encoder_type={module.encoder_type!r}, decoder_type={module.decoder_type!r} have no PSLD "
+                         "counterpart in use (PSLD: encoder 'residual' or 'standard', decoder 'standard').")
     calls, shapes = _structure(module)
     params = shapes["params"]
     out, index = [], 0
