@@ -5,6 +5,7 @@ r"""edm-jax command line: train, sample, evaluate and convert EDM models.
   python main.py --config=configs/quickstart.py --mode=train               # offline, CPU, minutes
   python main.py --config=configs/quickstart_classifier.py --mode=train_classifier  # guidance classifier
   python main.py --mode=convert --checkpoint=edm-cifar10-32x32-cond-vp.pkl --workdir=runs/edm_cond_vp
+  python main.py --mode=convert --checkpoint=psld.ckpt --config=configs/cifar10_psld.py --workdir=runs/psld
 
 Config fields can be overridden from the command line, e.g. `--config.train.batch_size=64`.
 Re-running the same train command resumes from the newest checkpoint in the workdir.
@@ -17,6 +18,7 @@ import os
 import pathlib
 import pickle
 import sys
+import zipfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -28,7 +30,8 @@ config_flags.DEFINE_config_file("config", None, "Path to an ml_collections confi
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory; default runs/<config name>.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-flags.DEFINE_string("checkpoint", None, "A reference snapshot pickle (network-snapshot-*.pkl, edm-*.pkl): "
+flags.DEFINE_string("checkpoint", None, "A reference snapshot pickle (network-snapshot-*.pkl, edm-*.pkl) or a "
+                    "PSLD Lightning checkpoint (.ckpt, with --config for its network): "
                     "--mode=convert converts it into --workdir; --mode=sample samples from it directly.")
 
 # --mode=sample (edm_jax.generate). Sampler flags left unset keep the paper's per-dataset settings.
@@ -185,6 +188,30 @@ def _evaluate(workdir):
             f.write(json.dumps(result) + "\n")
 
 
+def _is_lightning_checkpoint(path):
+    """PSLD's checkpoints are Lightning `.ckpt` files (torch.save zip archives); EDM's are plain pickles."""
+    return path.endswith(".ckpt") or zipfile.is_zipfile(path)
+
+
+def _convert_psld(path, workdir, config_arg):
+    """A PSLD checkpoint holds no hyperparameters: the network comes from the config's model and network_io."""
+    from edm_jax.interop import psld_checkpoint
+
+    if config_arg is None:
+        raise ValueError(f"{path} is a PyTorch Lightning checkpoint, which holds no network settings; pass the "
+                         "config it was trained with, e.g. --config=configs/cifar10_psld.py")
+    config = FLAGS.config
+    model, io = config.get("model"), config.get("network_io")
+    if model is None or io is None or model.get("name", "SongUNet") != "SongUNet":
+        raise ValueError(f"config {config_arg} lacks a SongUNet model section and a network_io section "
+                         "(img_resolution, in_channels, out_channels); see configs/cifar10_psld.py")
+    kwargs = {k: v for k, v in model.to_dict().items() if k not in ("name", "dtype")}
+    kwargs.update(io.to_dict())
+    process = config.get("process")
+    psld_checkpoint.convert_psld_checkpoint(path, workdir, kwargs,
+                                            process=None if process is None else process.to_dict())
+
+
 class _OwnInfoOnly(std_logging.Filter):
     """Lets INFO through only from this repository's loggers ('edm_jax'). Orbax reports every stage of every checkpoint
     save at INFO through absl (a dozen lines per save) and JAX its backend probing; that buries the
@@ -205,13 +232,17 @@ def main(argv):
 
     if FLAGS.mode == "convert":
         if not FLAGS.checkpoint:
-            _fail("--mode=convert needs --checkpoint=PATH.pkl (a reference snapshot) and --workdir=DIR")
+            _fail("--mode=convert needs --checkpoint=PATH.pkl (a reference snapshot; or a PSLD .ckpt with "
+                  "--config) and --workdir=DIR")
         if not FLAGS.workdir:
             _fail("--mode=convert needs --workdir=DIR: the folder that will hold the converted checkpoint")
         from edm_jax import convert  # heavy imports only for the mode that needs them
 
         try:
-            convert.convert_snapshot(FLAGS.checkpoint, FLAGS.workdir)
+            if _is_lightning_checkpoint(FLAGS.checkpoint):
+                _convert_psld(FLAGS.checkpoint, FLAGS.workdir, config_arg)
+            else:
+                convert.convert_snapshot(FLAGS.checkpoint, FLAGS.workdir)
         except (OSError, ValueError, pickle.UnpicklingError) as e:  # incl. unsafe or corrupt pickles
             _fail(str(e))
         return

@@ -247,7 +247,8 @@ class Snapshot:
       `loss` ({"kind", **hyperparameters} or None), `augment` (dict or None), `dataset` (dict or None),
       `img_resolution`, `img_channels`, `label_dim`.
     params: flax variables of the EMA network ({'params', ['buffers']}).
-    module: the flax module; process: its forward process (`edm_jax.diffusion.process`, here the σ family).
+    module: the flax module; process: its forward process (`edm_jax.diffusion.process`: the σ family for
+      EDM pickles, PSLD's for converted PSLD checkpoints).
     """
 
     config: dict
@@ -257,8 +258,8 @@ class Snapshot:
 
     @property
     def precond(self):
-        """The σ family's preconditioner (`edm_jax.precond`)."""
-        return self.process.precond
+        """The σ family's preconditioner (`edm_jax.precond`); None for a process without one (PSLD)."""
+        return getattr(self.process, "precond", None)
 
     def denoise(self, x, sigma, class_labels=None):
         """D(x; σ) of the EMA network: x NHWC [N, H, W, C], σ scalar or [N]; float32, x's shape."""
@@ -354,27 +355,35 @@ def convert_snapshot(path, workdir) -> str:
     in flax layout) and `<workdir>/converted_config.json` (`Snapshot.config`). `load_converted(workdir)`
     reads both back. Returns the checkpoint directory.
     """
+    snap = load_snapshot(path)
+    return write_converted(workdir, snap.params, snap.config,
+                           f"{snap.config['network']['model_type']}, {snap.config['precond']['kind']} "
+                           f"preconditioning, from {path}")
+
+
+def write_converted(workdir, variables, config: Mapping, description: str) -> str:
+    """Write converted network `variables` (orbax, `<workdir>/converted/`) and `config` (plain data with a
+    `network` entry, `{"model_type", **kwargs}`; `<workdir>/converted_config.json`), refusing to overwrite.
+    Prints one line with the parameter count and `description`. Returns the checkpoint directory."""
     import orbax.checkpoint as ocp
 
-    snap = load_snapshot(path)
     workdir = os.path.abspath(workdir)
     target = os.path.join(workdir, CONVERTED_DIR)
     if os.path.exists(target):
         raise SnapshotError(f"{target} already exists; pick another --workdir or remove it first")
     os.makedirs(workdir, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, snap.params)
+    checkpointer.save(target, variables)
     checkpointer.wait_until_finished()
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        json.dump(snap.config, f, indent=2)  # σ_max = inf is written as Infinity, which json reads back
-    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(snap.params["params"]))
-    print(f"converted {path}: {snap.config['network']['model_type']} with {n:,} parameters, "
-          f"{snap.config['precond']['kind']} preconditioning -> {target}")
+        json.dump(config, f, indent=2)  # σ_max = inf is written as Infinity, which json reads back
+    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
+    print(f"converted: {n:,} parameters, {description} -> {target}")
     return target
 
 
 def load_converted(workdir, dtype=jnp.float32) -> Snapshot:
-    """Read back what `convert_snapshot` wrote into `workdir`."""
+    """Read back what `convert_snapshot` (or `write_converted`) wrote into `workdir`."""
     import orbax.checkpoint as ocp
 
     workdir = os.path.abspath(workdir)

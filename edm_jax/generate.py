@@ -800,6 +800,7 @@ def load_model(workdir=None, checkpoint=None, *, dtype=jnp.float32) -> LoadedMod
     else:
         raise ValueError("load_model needs checkpoint= (a reference .pkl) or workdir= (a converted or training run)")
     config = snap.config
-    image_shape = (int(config["img_resolution"]), int(config["img_resolution"]), int(config["img_channels"]))
+    channels = snap.process.data_channels(int(snap.module.in_channels))  # PSLD's network sees 2·C channels
+    image_shape = (int(config["img_resolution"]), int(config["img_resolution"]), channels)
     denoise = BoundDenoiser(snap.process.model(snap.module.apply), snap.params)
     return LoadedModel(denoise, image_shape, int(config.get("label_dim") or 0), snap.process, config)

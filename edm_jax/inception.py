@@ -20,11 +20,7 @@ fixture (`../shared/fixtures/inception_fid.npz`), so tests need no 95 MB file.
 
 import functools
 import hashlib
-import io
 import os
-import pickle
-import struct
-import zipfile
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -492,119 +488,13 @@ def deterministic_weights(names=None, shapes=None):
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# Reading a torch.save file without torch. Both of torch's formats: the zip archive (torch >= 1.6:
-# `<dir>/data.pkl` + raw storages `<dir>/data/<key>`) and the legacy stream (magic, protocol, sys_info,
-# the pickle, the storage keys, then each storage as int64 count + raw bytes). The pickle may name only
-# OrderedDict, torch's tensor/parameter rebuild functions and storage types (`edm_jax.torch_pickle`'s
-# safe stand-ins); anything else is refused unexecuted.
-
-class _StateDict(dict):
-    """Stand-in for the state dict's `collections.OrderedDict`; its `_metadata` attribute is dropped."""
-
-    def __setstate__(self, state):
-        if not isinstance(state, dict):
-            raise torch_pickle.SnapshotFormatError("malformed OrderedDict state in the weights file")
-
-
-class _TorchSaveUnpickler(pickle.Unpickler):
-    _ALLOWED = {("collections", "OrderedDict"): _StateDict,
-                ("torch._utils", "_rebuild_tensor_v2"): torch_pickle._rebuild_tensor_v2,
-                ("torch._utils", "_rebuild_parameter"): torch_pickle._rebuild_parameter}
-
-    def __init__(self, file, source, load_storage):
-        super().__init__(file)
-        self._source, self._load_storage = source, load_storage
-
-    def find_class(self, module, name):
-        if module == "torch" and name in torch_pickle._STORAGE_DTYPES:
-            return torch_pickle._StorageType(name)
-        target = self._ALLOWED.get((module, name))
-        if target is None:
-            raise torch_pickle.UnsafePickleError(f"refusing to load {module}.{name} from {self._source}: "
-                                                 "not part of a plain torch state dict")
-        return target
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-                and (len(pid) == 5 or pid[5] is None)):  # (legacy storage views: pre-2018 torch only)
-            raise torch_pickle.SnapshotFormatError(f"{self._source}: unexpected persistent id {pid!r}")
-        return self._load_storage(str(pid[1]), str(pid[2]), int(pid[4]))
-
-
-def _read_zip(f, source):
-    with zipfile.ZipFile(f) as zf:
-        names = set(zf.namelist())
-        pkl = sorted(n for n in names if n == "data.pkl" or n.endswith("/data.pkl"))
-        if not pkl:
-            raise torch_pickle.SnapshotFormatError(f"{source} is a zip archive without data.pkl, not a torch.save file")
-        prefix = pkl[0][: -len("data.pkl")]
-        little = zf.read(prefix + "byteorder").strip() != b"big" if prefix + "byteorder" in names else True
-
-        def load_storage(stype, key, numel):
-            if f"{prefix}data/{key}" not in names:
-                raise torch_pickle.SnapshotFormatError(f"{source}: storage {key!r} missing from the archive")
-            return torch_pickle._decode(zf.read(f"{prefix}data/{key}"), stype, numel, little, source)
-
-        return _TorchSaveUnpickler(io.BytesIO(zf.read(pkl[0])), source, load_storage).load()
-
-
-def _read_legacy_state_dict(f, source):
-    """Legacy format: tensors reference storages stored *after* the pickle, so unpickle twice: first to
-    learn the storage table, then (after reading the raw storages) with the real arrays."""
-    header = _TorchSaveUnpickler(f, source, None)
-    if header.load() != torch_pickle._LEGACY_MAGIC:
-        raise torch_pickle.SnapshotFormatError(f"{source} is neither a torch zip archive nor a legacy "
-                                               "torch.save file")
-    if header.load() != 1001:
-        raise torch_pickle.SnapshotFormatError(f"{source}: unsupported legacy torch serialization protocol")
-    header.load()  # sys_info: informational; torch writes legacy storages little-endian on every machine
-    pickle_start = f.tell()
-    records = {}
-
-    def record(stype, key, numel):  # first pass: remember, hand out an empty storage of the right size
-        records.setdefault(key, (stype, numel))
-        code = torch_pickle._STORAGE_DTYPES.get(stype)
-        if code is None:
-            raise torch_pickle.SnapshotFormatError(f"{source}: unsupported storage type {stype!r}")
-        return np.zeros(numel, np.float32 if code == "bf16" else np.dtype(code))
-
-    _TorchSaveUnpickler(f, source, record).load()
-    keys = _TorchSaveUnpickler(f, source, None).load()
-    arrays = {}
-    for key in keys:
-        stype, numel = records[str(key)]
-        (count,) = struct.unpack("<q", f.read(8))
-        if count != numel:
-            raise torch_pickle.SnapshotFormatError(f"{source}: storage {key} holds {count} elements, "
-                                                   f"the pickle says {numel}")
-        code = torch_pickle._STORAGE_DTYPES[stype]
-        itemsize = 2 if code == "bf16" else np.dtype(code).itemsize
-        arrays[str(key)] = torch_pickle._decode(f.read(numel * itemsize), stype, numel, True, source)
-    f.seek(pickle_start)
-    return _TorchSaveUnpickler(f, source, lambda stype, key, numel: arrays[key]).load()
-
-
 def read_torch_state_dict(path):
-    """A `torch.save`d state dict -> {name: numpy array}, without torch and without running pickled code."""
-    path = os.fspath(path)
-    source = os.path.basename(path)
-    with open(path, "rb") as f:
-        try:
-            if f.read(4) == b"PK\x03\x04":
-                f.seek(0)
-                obj = _read_zip(f, source)
-            else:
-                f.seek(0)
-                obj = _read_legacy_state_dict(f, source)
-        except (torch_pickle.UnsafePickleError, torch_pickle.SnapshotFormatError):
-            raise
-        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError,
-                AttributeError, struct.error, zipfile.BadZipFile) as e:
-            raise torch_pickle.SnapshotFormatError(f"{path} is not a readable torch.save state dict "
-                                                   f"(truncated or corrupt: {type(e).__name__}: {e})") from e
+    """A `torch.save`d state dict -> {name: numpy array}, without torch and without running pickled code
+    (`edm_jax.torch_pickle.load_torch_save`)."""
+    obj = torch_pickle.load_torch_save(path)
     if not (isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())):
-        raise torch_pickle.SnapshotFormatError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+        raise torch_pickle.SnapshotFormatError(f"{os.fspath(path)} holds a {type(obj).__name__}, not a state dict "
+                                               "of tensors")
     return dict(obj)
 
 

@@ -7,6 +7,9 @@ stand-ins and refuses anything else (`UnsafePickleError`); embedded source stays
 Result: persistent classes -> `PersistentObject`, torch modules -> dicts of their `__dict__`
 (`_parameters`, `_buffers`, `_modules`, ...), tensors -> numpy arrays (bfloat16 widened exactly to
 float32), numpy scalars stay numpy scalars.
+
+`load_torch_save` reads plain `torch.save` files the same way (state dicts, Lightning checkpoints):
+zip archives and torch's legacy stream, with an allow-list of tensors, storages and OrderedDict.
 """
 
 import dataclasses
@@ -19,7 +22,7 @@ import zipfile
 import numpy as np
 
 __all__ = ["UnsafePickleError", "SnapshotFormatError", "PersistentObject",
-           "load_reference_pickle", "load_reference_network", "state_dict"]
+           "load_reference_pickle", "load_reference_network", "state_dict", "load_torch_save"]
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -241,6 +244,128 @@ def _load_from_bytes(blob, source):
     if not isinstance(arr, np.ndarray):
         raise SnapshotFormatError(f"{source}: storage blob does not hold a storage")
     return arr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a torch.save file without torch. Both of torch's formats: the zip archive (torch >= 1.6:
+# `<dir>/data.pkl` + raw storages `<dir>/data/<key>`) and the legacy stream (magic, protocol, sys_info,
+# the pickle, the storage keys, then each storage as int64 count + raw bytes). The pickle may name only
+# OrderedDict, torch's tensor/parameter rebuild functions, storage types and numpy scalars (the safe
+# stand-ins above); anything else is refused unexecuted. The inception weights and PSLD's Lightning
+# checkpoints are such files.
+
+class _StateDict(dict):
+    """Stand-in for `collections.OrderedDict` (a dict keeps the order). Pickle BUILDs a state dict's
+    `_metadata` attribute onto it; that version bookkeeping is dropped."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise SnapshotFormatError("malformed OrderedDict state")
+
+
+class _TorchSaveUnpickler(pickle.Unpickler):
+    _ALLOWED = {("collections", "OrderedDict"): _StateDict,
+                ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+                ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+                ("numpy", "dtype"): _numpy_dtype,
+                ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+                ("numpy.core.multiarray", "scalar"): _numpy_scalar}
+
+    def __init__(self, file, source, load_storage):
+        super().__init__(file)
+        self._source, self._load_storage = source, load_storage
+
+    def find_class(self, module, name):
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        target = self._ALLOWED.get((module, name))
+        if target is None:
+            raise UnsafePickleError(f"refusing to load {module}.{name} from {self._source}: only tensors, "
+                                    "storages, OrderedDict and numpy scalars are allowed in a torch.save file")
+        return target
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+                and (len(pid) == 5 or pid[5] is None)):  # (legacy storage views: pre-2018 torch only)
+            raise SnapshotFormatError(f"{self._source}: unexpected persistent id {pid!r}")
+        return self._load_storage(str(pid[1]), str(pid[2]), int(pid[4]))
+
+
+def _read_zip(f, source):
+    with zipfile.ZipFile(f) as zf:
+        names = set(zf.namelist())
+        pkl = sorted(n for n in names if n == "data.pkl" or n.endswith("/data.pkl"))
+        if not pkl:
+            raise SnapshotFormatError(f"{source} is a zip archive without data.pkl, not a torch.save file")
+        prefix = pkl[0][: -len("data.pkl")]
+        little = zf.read(prefix + "byteorder").strip() != b"big" if prefix + "byteorder" in names else True
+
+        def load_storage(stype, key, numel):
+            if f"{prefix}data/{key}" not in names:
+                raise SnapshotFormatError(f"{source}: storage {key!r} missing from the archive")
+            return _decode(zf.read(f"{prefix}data/{key}"), stype, numel, little, source)
+
+        return _TorchSaveUnpickler(io.BytesIO(zf.read(pkl[0])), source, load_storage).load()
+
+
+def _read_legacy_state_dict(f, source):
+    """Legacy format: tensors reference storages stored *after* the pickle, so unpickle twice: first to
+    learn the storage table, then (after reading the raw storages) with the real arrays."""
+    header = _TorchSaveUnpickler(f, source, None)
+    if header.load() != _LEGACY_MAGIC:
+        raise SnapshotFormatError(f"{source} is neither a torch zip archive nor a legacy torch.save file")
+    if header.load() != 1001:
+        raise SnapshotFormatError(f"{source}: unsupported legacy torch serialization protocol")
+    header.load()  # sys_info: informational; torch writes legacy storages little-endian on every machine
+    pickle_start = f.tell()
+    records = {}
+
+    def record(stype, key, numel):  # first pass: remember, hand out an empty storage of the right size
+        records.setdefault(key, (stype, numel))
+        code = _STORAGE_DTYPES.get(stype)
+        if code is None:
+            raise SnapshotFormatError(f"{source}: unsupported storage type {stype!r}")
+        return np.zeros(numel, np.float32 if code == "bf16" else np.dtype(code))
+
+    _TorchSaveUnpickler(f, source, record).load()
+    keys = _TorchSaveUnpickler(f, source, None).load()
+    arrays = {}
+    for key in keys:
+        stype, numel = records[str(key)]
+        (count,) = struct.unpack("<q", f.read(8))
+        if count != numel:
+            raise SnapshotFormatError(f"{source}: storage {key} holds {count} elements, the pickle says {numel}")
+        code = _STORAGE_DTYPES[stype]
+        itemsize = 2 if code == "bf16" else np.dtype(code).itemsize
+        arrays[str(key)] = _decode(f.read(numel * itemsize), stype, numel, True, source)
+    f.seek(pickle_start)
+    return _TorchSaveUnpickler(f, source, lambda stype, key, numel: arrays[key]).load()
+
+
+
+def load_torch_save(path):
+    """A `torch.save` file (zip archive or legacy stream) -> its object as plain data, without torch.
+
+    Tensors become numpy arrays, OrderedDicts dicts; any other global in the pickle raises
+    `UnsafePickleError` before anything from the file runs; unreadable files raise `SnapshotFormatError`.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    source = os.path.basename(path)
+    with open(path, "rb") as f:
+        try:
+            if f.read(4) == b"PK\x03\x04":
+                f.seek(0)
+                return _read_zip(f, source)
+            f.seek(0)
+            return _read_legacy_state_dict(f, source)
+        except (UnsafePickleError, SnapshotFormatError):
+            raise
+        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError,
+                AttributeError, struct.error, zipfile.BadZipFile) as e:
+            raise SnapshotFormatError(f"{path} is not a readable torch.save file "
+                                      f"(truncated or corrupt: {type(e).__name__}: {e})") from e
 
 
 # --------------------------------------------------------------------------------------------------

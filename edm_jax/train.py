@@ -49,7 +49,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from edm_jax import augment as augment_lib
 from edm_jax import distributed
-from edm_jax.diffusion.sampler_settings import SamplerSettings
 from edm_jax.distributed import make_mesh
 
 __all__ = [
@@ -465,16 +464,15 @@ def _memory_text() -> str:
 
 
 def make_grid_sampler(module, process, *, mesh: Mesh, shape, label_dim: int, num_images: int, seed: int,
-                      num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+                      settings=None):
     """A function EMA variables -> uint8 images [num_images, H, W, C] for the snapshot grids.
 
-    Fixed latents (image i from `fold_in(key(seed), i)`) and class labels (i mod label_dim), so the grids
-    of successive snapshots show the same images as training progresses. The process's deterministic
-    sampler (σ family: Heun, Algorithm 1) with its range clamped to the network's, as generate.py does.
+    Fixed start states (image i from `fold_in(key(seed), i)`) and class labels (i mod label_dim), so the
+    grids of successive snapshots show the same images as training progresses. `settings`: the process's
+    sampler settings (default `process.sampler_settings()`; σ family: Heun, Algorithm 1, σ range clamped).
     """
     model = process.model(module.apply)
-    run = process.sampler(process.sampler_settings(
-        base=SamplerSettings(num_steps=int(num_steps), sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)))
+    run = process.sampler(process.sampler_settings() if settings is None else settings)
     base = jax.random.key(seed)
     latents = process.prior(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_images, dtype=jnp.uint32)),
                             tuple(shape))
@@ -643,10 +641,11 @@ def train_and_evaluate(config, workdir: str):
                 loss_scaling=tc.loss_scaling, augment_p=augment_p, augment_kwargs=augment, mesh=mesh), mesh)
             grid = None
             if int(sc.num_images) > 0:
+                # The sample section's sampler fields, as the process's overrides (one path, as --mode=sample).
+                overrides = {k: v for k, v in _as_dict(sc).items() if k not in ("num_images", "seed")}
                 grid = make_grid_sampler(module, process, mesh=mesh, shape=shape, label_dim=label_dim,
                                          num_images=int(sc.num_images), seed=int(sc.seed),
-                                         num_steps=int(sc.num_steps), sigma_min=sc.sigma_min,
-                                         sigma_max=sc.sigma_max, rho=sc.rho)
+                                         settings=process.sampler_settings(**overrides))
             samples_dir = os.path.join(workdir, "samples")
             os.makedirs(samples_dir, exist_ok=True)
             train_key = jax.random.fold_in(jax.random.key(seed), 1)

@@ -70,3 +70,23 @@ def test_quickstart_refuses_a_config_argument():
     from configs import quickstart
     with pytest.raises(ValueError, match="takes no argument"):
         quickstart.get_config("bogus")
+
+
+def test_psld_preset_is_the_papers_97m_network():
+    """configs/cifar10_psld.py's model section is psld_checkpoint's SOTA preset, with PSLD's exact count:
+    97,627,910 = 97,627,782 trainable + the 128 frozen Fourier frequencies (a buffer here)."""
+    from edm_jax.interop import psld_checkpoint
+
+    config = load("cifar10_psld")
+    preset = psld_checkpoint.psld_network_kwargs("cifar10_sota")
+    io = config.network_io.to_dict()
+    model = {k: v for k, v in config.model.to_dict().items() if k not in ("name", "dtype")}
+    assert model.pop("label_dropout") == 0.0  # unconditional: no labels to drop
+    assert {**model, **io, "label_dim": 0, "augment_dim": 0} == preset
+    module = train.build_network(config.model.to_dict(), resolution=io["img_resolution"], channels=io["in_channels"],
+                                 label_dim=0, augment_dim=0, out_channels=io["out_channels"])
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 6)), jnp.zeros((1,))))
+    count = lambda tree: sum(int(np.prod(s.shape)) for s in jax.tree.leaves(tree))
+    assert (count(shapes["params"]), count(shapes["buffers"])) == (97_627_782, 128)
+    assert (config.train.batch_size, config.train.lr, config.model.dropout) == (128, 2e-4, 0.15)
+    assert config.data.use_labels is False and config.data.tfds_name == "cifar10"

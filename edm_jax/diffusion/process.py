@@ -197,3 +197,14 @@ def make_process(kind: str, **hyperparameters):
     if kind not in PROCESSES:
         raise ValueError(f"process.kind={kind!r} is not a diffusion process; choose one of {sorted(PROCESSES)}")
     return PROCESSES[kind](**hyperparameters)
+
+
+def _register_phase_space():
+    # PSLD and the VP-SDE / CLD of the same recipe (edm_jax.diffusion.psld_process), by name.
+    from edm_jax.diffusion.psld_process import psld_process
+
+    for kind in ("psld", "cld", "vpsde"):
+        PROCESSES[kind] = lambda kind=kind, **kw: psld_process(kind, **kw)
+
+
+_register_phase_space()

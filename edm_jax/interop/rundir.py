@@ -28,13 +28,13 @@ def process_from_config(config: Mapping[str, Any]):
     and `loss` = {'kind', 'kwargs'} (training runs), or both flat {'kind', **hyperparameters} with the loss
     possibly None (converted reference snapshots).
     """
-    if "process" in config and config["process"] is not None:
+    if config.get("process"):
         section = _plain(config["process"])
         kind = section.pop("kind", None)
         if kind is None:
             raise ValueError("the config's process section has no 'kind'; e.g. process.kind='edm'")
         return make_process(kind, **section)
-    if "precond" in config:
+    if config.get("precond"):
         precond, loss = _legacy(config["precond"]), _legacy(config.get("loss"))
         return sigma_process(precond.pop("kind"), loss=loss.pop("kind", None), precond_kwargs=precond,
                              loss_kwargs=loss)
