@@ -474,20 +474,22 @@ def make_grid_sampler(module, process, *, mesh: Mesh, shape, label_dim: int, num
     model = process.model(module.apply)
     run = process.sampler(process.sampler_settings() if settings is None else settings)
     base = jax.random.key(seed)
-    latents = process.prior(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_images, dtype=jnp.uint32)),
-                            tuple(shape))
+    image_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_images, dtype=jnp.uint32))
+    latents = process.prior(image_keys, tuple(shape))
+    # Per-image keys for the samplers that draw noise (stochastic ones: PSLD's Euler–Maruyama, churn).
+    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(image_keys)
     labels = jax.nn.one_hot(jnp.arange(num_images) % label_dim, label_dim) if label_dim else None
     rep = _replicated(mesh)
     data = NamedSharding(mesh, P("data")) if num_images % mesh.size == 0 else rep
-    latents = jax.device_put(latents, data)
+    latents, noise_keys = jax.device_put((latents, noise_keys), data)
     labels = None if labels is None else jax.device_put(labels, data)
 
-    def sample(variables, latents, labels):
-        x = run(lambda z, level, class_labels: model(variables, z, level, class_labels), latents, labels)
+    def sample(variables, latents, labels, keys):
+        x = run(lambda z, level, class_labels: model(variables, z, level, class_labels), latents, labels, key=keys)
         return jnp.clip(process.to_data(x) * 127.5 + 128, 0, 255).astype(jnp.uint8)  # the reference's conversion
 
-    sample = jax.jit(sample, in_shardings=(rep, data, data), out_shardings=rep)
-    return lambda variables: np.asarray(sample(variables, latents, labels))
+    sample = jax.jit(sample, in_shardings=(rep, data, data, data), out_shardings=rep)
+    return lambda variables: np.asarray(sample(variables, latents, labels, noise_keys))
 
 
 def save_image_grid(images: np.ndarray, path: str, min_tile: int = 64):
