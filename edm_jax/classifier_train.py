@@ -26,9 +26,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from edm_jax.guidance import classifier_loss
+from edm_jax.diffusion.guidance import classifier_loss
 from edm_jax.networks.classifier import EncoderUNet
-from edm_jax.precond import EDMPrecond, make_precond
+from edm_jax.diffusion.precond import EDMPrecond, make_precond
 from edm_jax.train import (learning_rate, make_mesh, make_optimizer, maybe_initialize_distributed, plan_batch,
                            shard_batch)
 

@@ -284,7 +284,7 @@ def _plain(value):
 
 def snapshot_config(data: Mapping, source="snapshot") -> dict:
     """The plain-data description of a loaded reference pickle (see `Snapshot.config`)."""
-    from edm_jax import precond as precond_lib
+    from edm_jax.diffusion import precond as precond_lib
     from edm_jax import torch_pickle
 
     ema = data.get("ema") if isinstance(data, Mapping) else None

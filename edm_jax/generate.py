@@ -53,7 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from edm_jax.diffusion.process import SigmaProcess
 from edm_jax.diffusion.sampler_settings import SAMPLERS, SamplerSettings, settings_for  # noqa: F401 (re-exported)
 from edm_jax.distributed import make_mesh  # noqa: F401 (the one mesh, devices in process order; re-exported)
-from edm_jax.precond import EDMPrecond
+from edm_jax.diffusion.precond import EDMPrecond
 
 __all__ = [
     "parse_seeds", "seed_keys", "LATENT_STREAM", "LABEL_STREAM", "NOISE_STREAM", "SamplerSettings",

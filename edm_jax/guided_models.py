@@ -7,10 +7,10 @@ edm_jax.guidance and, per family, in the process's `guide` (edm_jax.diffusion.pr
 
 from __future__ import annotations
 
-from edm_jax import guidance
+from edm_jax.diffusion import guidance
 from edm_jax.diffusion.process import SigmaProcess
 from edm_jax.generate import BoundDenoiser
-from edm_jax.precond import EDMPrecond
+from edm_jax.diffusion.precond import EDMPrecond
 
 __all__ = ["with_classifier_free_guidance", "with_classifier_guidance"]
 

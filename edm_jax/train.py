@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from edm_jax import augment as augment_lib
+from edm_jax.diffusion import augment as augment_lib
 from edm_jax import distributed
 from edm_jax.distributed import make_mesh
 

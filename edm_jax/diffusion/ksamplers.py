@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edm_jax.rng import per_example_keys
+from edm_jax.diffusion.rng import per_example_keys
 
 __all__ = [
     "euler", "heun", "dpm_2", "euler_ancestral", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde",

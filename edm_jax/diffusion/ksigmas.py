@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edm_jax import schedules
+from edm_jax.diffusion import schedules
 
 __all__ = ["karras_sigmas", "exponential_sigmas", "polyexponential_sigmas", "KSIGMAS"]
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from edm_jax.diffusion import ksigmas
 from edm_jax.diffusion.ode import dopri5
-from edm_jax.rng import per_example_keys
+from edm_jax.diffusion.rng import per_example_keys
 
 __all__ = ["sigma_ode_log_likelihood", "bits_per_dim", "gaussian_log_prob"]
 

@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 import jax
 import jax.numpy as jnp
 
-from edm_jax import guidance, losses, sampling
-from edm_jax import precond as precond_lib
+from edm_jax.diffusion import guidance, losses, sampling
+from edm_jax.diffusion import precond as precond_lib
 from edm_jax.diffusion.sampler_settings import SamplerSettings, settings_for
 
 __all__ = ["Process", "SigmaProcess", "sigma_process", "make_process", "PROCESSES", "SIGMA_PRESETS"]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edm_jax.rng import per_example_keys
+from edm_jax.diffusion.rng import per_example_keys
 
 __all__ = ["PhaseSpaceSDE", "VPSDE", "Cov", "Factor", "PRESETS"]
 

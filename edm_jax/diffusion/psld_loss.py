@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from edm_jax.diffusion.psld import PhaseSpaceSDE, VPSDE, _bc, _split
-from edm_jax.rng import per_example_keys
+from edm_jax.diffusion.rng import per_example_keys
 
 __all__ = ["psld_loss", "vpsde_loss", "draw_psld_loss_randomness"]
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from edm_jax.diffusion import psld_samplers
 from edm_jax.diffusion.psld import PhaseSpaceSDE, VPSDE
 from edm_jax.diffusion.psld_loss import psld_loss, vpsde_loss
-from edm_jax.rng import per_example_keys
+from edm_jax.diffusion.rng import per_example_keys
 
 __all__ = ["PSLDSamplerSettings", "PSLDProcess", "psld_process", "PSLD_SAMPLERS"]
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from edm_jax import sampling, schedules
+from edm_jax.diffusion import sampling, schedules
 
 __all__ = ["SamplerSettings", "settings_for", "SAMPLERS", "NoPresetError"]
 
