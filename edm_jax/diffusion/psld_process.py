@@ -8,8 +8,10 @@ is ε_θ, the prior is N(0, I) × N(0, M I), `to_data` keeps the x block, and th
 edm_jax.diffusion.psld_samplers.
 
 Loss reduction: the reference averages (target − ε̂)² over every element of the batch. The trainer sums
-the per-element loss over each example and averages over the batch (EDM's convention), so `loss`
-divides by the elements per example: the trainer's objective is then exactly the reference's mean.
+the per-element loss over each example and averages over the batch (EDM's convention) and reports the sum
+over the batch's image elements N·H·W·C. `loss` scales by C / C_out (C_out: the network's output channels,
+2·C for PSLD), so the reported loss is the reference's mean exactly, and the objective is that mean times
+H·W·C — the constant factor EDM's summed loss has too, which Adam's step does not see.
 """
 
 from __future__ import annotations
@@ -102,13 +104,13 @@ class PSLDProcess:
 
     # ---- Training.
     def loss(self, model_fn: Callable, images, labels=None, *, key, augment_labels=None):
-        """Per-element ε-MSE [N, H, W, C_out] / elements per example (module docstring)."""
+        """Per-element ε-MSE [N, H, W, C_out] · C / C_out (module docstring)."""
         fn = lambda z, t, y: model_fn(z, t, y, augment_labels)  # noqa: E731
         if self.phase_space:
             loss = psld_loss(fn, images, labels, sde=self.sde, key=key, hsm=self.hsm)
         else:
             loss = vpsde_loss(fn, images, labels, sde=self.sde, key=key)
-        return loss / (loss.size // loss.shape[0])
+        return loss * (images.shape[-1] / loss.shape[-1])
 
     # ---- Sampling.
     def prior(self, keys, data_shape, dtype=jnp.float32):
