@@ -115,3 +115,19 @@ def test_errors_name_the_field():
         make_process("psld").sampler_settings(sigma_min=0.1)
     with pytest.raises(ValueError, match="no training loss"):
         make_process("iddpm").loss(None, jnp.zeros((1, *SHAPE)), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("kind", ["psld", "cld", "vpsde"])
+def test_phase_space_loss_reports_the_reference_mean(kind):
+    """What the trainer reports (Σ loss / image elements) is the reference's reduce_mean loss (psld_loss)."""
+    from edm_jax.diffusion.psld_loss import psld_loss, vpsde_loss
+
+    process, variables, _, _ = _setup(kind)
+    model = process.model(_net)
+    images = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (3, *SHAPE)), jnp.float32)
+    key = jax.random.key(4)
+    reported = jnp.sum(process.loss(lambda z, t, y, a: model(variables, z, t, y, a), images, key=key)) / images.size
+    eps = lambda z, t, y: model(variables, z, t, y)  # noqa: E731
+    reference = (vpsde_loss(eps, images, sde=process.sde, key=key, reduce="mean") if kind == "vpsde" else
+                 psld_loss(eps, images, sde=process.sde, key=key, reduce="mean"))
+    np.testing.assert_allclose(float(reported), float(reference), rtol=1e-6)
