@@ -5,6 +5,8 @@ r"""edm-jax command line: train, sample, evaluate and convert EDM models.
   python main.py --config=configs/quickstart.py --mode=train               # offline, CPU, minutes
   python main.py --config=configs/quickstart_classifier.py --mode=train_classifier  # guidance classifier
   python main.py --mode=convert --checkpoint=edm-cifar10-32x32-cond-vp.pkl --workdir=runs/edm_cond_vp
+  python main.py --mode=sample --workdir=runs/edm_cond_vp --sampler=dpmpp_2m --steps=20   # k-diffusion samplers
+  python main.py --mode=likelihood --workdir=runs/edm_cond_vp --data=cifar10.zip --num_images=1000   # bits/dim
 
 Config fields can be overridden from the command line, e.g. `--config.train.batch_size=64`.
 Re-running the same train command resumes from the newest checkpoint in the workdir.
@@ -22,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MODES = ("train", "sample", "eval", "convert", "train_classifier")
+MODES = ("train", "sample", "eval", "likelihood", "convert", "train_classifier")
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py[:arg]).",
                                 lock_config=True)
@@ -52,7 +54,14 @@ flags.DEFINE_float("S_churn", None, "Stochasticity strength (Algorithm 2).")
 flags.DEFINE_float("S_min", None, "Churn only for sigma >= S_min.")
 flags.DEFINE_float("S_max", None, "Churn only for sigma <= S_max.")
 flags.DEFINE_float("S_noise", None, "Noise inflation of the churn noise.")
-flags.DEFINE_enum("solver", None, ["euler", "heun"], "Ablation sampler: ODE solver.")
+flags.DEFINE_string("sampler", None, "edm (default), ablation, or a k-diffusion sampler: euler, heun, dpm_2, lms, "
+                    "euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, "
+                    "dpmpp_3m_sde, dpm_fast, dpm_adaptive (on the Karras grid of --steps levels).")
+flags.DEFINE_float("eta", None, "k-samplers: ancestral / SDE noise amount eta (default: the sampler's own).")
+flags.DEFINE_float("rtol", None, "dpm_adaptive's relative tolerance; --mode=likelihood: the rk45 solver's (1e-5).")
+flags.DEFINE_float("atol", None, "dpm_adaptive's absolute tolerance; --mode=likelihood: the rk45 solver's (1e-5).")
+flags.DEFINE_enum("solver", None, ["euler", "heun", "rk45"], "Ablation sampler: ODE solver (euler, heun); "
+                  "--mode=likelihood: rk45 (adaptive, default) or heun (--steps grid points, default 64).")
 flags.DEFINE_enum("disc", None, ["vp", "ve", "iddpm", "edm"], "Ablation sampler: time-step discretisation.")
 flags.DEFINE_enum("schedule", None, ["vp", "ve", "linear"], "Ablation sampler: noise schedule sigma(t).")
 flags.DEFINE_enum("scaling", None, ["vp", "none"], "Ablation sampler: signal scaling s(t).")
@@ -120,8 +129,9 @@ def _sample_fn(workdir):
 def _sampler_flags() -> dict:
     """The sampler flags as the process's settings overrides (None = not given); the process refuses the
     ones its family does not have."""
-    return dict(num_steps=FLAGS.steps, sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho,
-                S_churn=FLAGS.S_churn, S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise,
+    return dict(sampler=FLAGS.sampler, eta=FLAGS.eta, rtol=FLAGS.rtol, atol=FLAGS.atol, num_steps=FLAGS.steps,
+                sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho, S_churn=FLAGS.S_churn,
+                S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise,
                 solver=FLAGS.solver, discretization=FLAGS.disc, schedule=FLAGS.schedule, scaling=FLAGS.scaling)
 
 
