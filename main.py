@@ -71,12 +71,23 @@ flags.DEFINE_enum("scaling", None, ["vp", "none"], "Ablation sampler: signal sca
 flags.DEFINE_string("images", None, "A sample folder (PNGs) or npz (--format=npz output) to evaluate.")
 flags.DEFINE_string("ref", None, "Reference statistics: an npz with mu and sigma (the published fid-refs format).")
 flags.DEFINE_string("ref_out", None, "Write the reference statistics of --data to this npz instead of scoring.")
-flags.DEFINE_string("data", None, "Dataset for --ref_out: a reference-format zip or folder, or tfds:<name>.")
+flags.DEFINE_string("data", None, "Dataset for --ref_out (a reference-format zip or folder, or tfds:<name>) or "
+                    "--mode=likelihood (zip or folder).")
 flags.DEFINE_string("inception", None, "pt_inception-2015-12-05-6726825d.pth; default $EDM_JAX_INCEPTION_WEIGHTS "
                     "or ~/.cache/edm_jax/.")
 flags.DEFINE_integer("num", 50000, "Images per FID when sampling a model (seeds 0..num-1 unless --seeds is given).")
 flags.DEFINE_enum("protocol", "single", ["single", "paper"], "paper: three seed ranges of --num, report each and "
                   "the minimum (Karras et al. 2022).")
+
+
+# --mode=likelihood (edm_jax.likelihood_driver): bits/dim of --data or --images under the probability-flow ODE,
+# with --batch, --base_seed (dequantisation and probe keys), --sigma_min/--sigma_max, --steps (heun), --rtol/--atol.
+flags.DEFINE_integer("num_images", None, "N images (a --data set's reference random subset, an --images folder's "
+                     "first N); default all.")
+flags.DEFINE_integer("probes", 1, "Hutchinson probes per image (the divergence estimate's sample count).")
+flags.DEFINE_enum("divergence", "hutchinson", ["hutchinson", "exact"], "Divergence of the ODE's drift: Hutchinson's "
+                  "estimate or the exact Jacobian trace (small images only).")
+flags.DEFINE_string("out", None, "JSON summary; default <outdir or workdir>/likelihood.json.")
 
 
 def config_name(config_arg: str | None) -> str:
@@ -195,6 +206,53 @@ def _evaluate(workdir):
             f.write(json.dumps(result) + "\n")
 
 
+def _likelihood(workdir):
+    """--mode=likelihood: bits/dim of --data or --images under the model in --checkpoint/--workdir."""
+    import json
+
+    from edm_jax import evaluate, generate, likelihood_driver as lik
+    from edm_jax.diffusion.process import SigmaProcess
+
+    if bool(FLAGS.data) == bool(FLAGS.images):
+        raise ValueError("--mode=likelihood needs exactly one of --data=ZIP|FOLDER (a dataset) or --images=DIR")
+    if FLAGS.checkpoint is None and workdir is None:
+        raise ValueError("--mode=likelihood needs --checkpoint=PATH.pkl or --workdir=DIR (a training or converted run)")
+    model = generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint)
+    if not isinstance(model.process, SigmaProcess):
+        raise ValueError(f"--mode=likelihood integrates the σ-family ODE; the {model.process.name!r} process has none")
+    labels = None
+    if FLAGS.data:
+        from edm_jax import data
+
+        dataset = data.load_image_dataset(FLAGS.data, max_size=FLAGS.num_images, use_labels=model.label_dim > 0)
+        images, labels = dataset.images, dataset.labels
+    else:
+        images = evaluate.load_images(FLAGS.images, FLAGS.num_images)
+    if model.label_dim and labels is None:
+        raise ValueError(f"the model is class-conditional ({model.label_dim} classes): give --data with labels "
+                         "(a dataset.json), not an unlabelled image folder")
+    if tuple(images.shape[1:]) != model.image_shape:
+        raise ValueError(f"images are {images.shape[1:]} but the model takes {model.image_shape}")
+    sigma_min, sigma_max = lik.sigma_range_of(model.process, FLAGS.sigma_min, FLAGS.sigma_max)
+    settings = dict(sigma_min=sigma_min, sigma_max=sigma_max, num_probes=FLAGS.probes, divergence=FLAGS.divergence,
+                    solver=FLAGS.solver or "rk45", rtol=FLAGS.rtol or 1e-5, atol=FLAGS.atol or 1e-5,
+                    num_steps=FLAGS.steps or 64)
+    if settings["solver"] not in ("rk45", "heun"):
+        raise ValueError(f"--mode=likelihood takes --solver=rk45 or heun, got {settings['solver']}")
+    mesh = generate.make_mesh()
+    fn = lik.make_likelihood_fn(model.denoise, mesh=mesh, label_dim=model.label_dim, **settings)
+    result = lik.likelihood_of_images(fn, images, labels, batch=FLAGS.batch, mesh=mesh, base_seed=FLAGS.base_seed,
+                                      progress=True)
+    print(f"{result['bits_per_dim']:.4f} ± {result['std_err']:.4f} bits/dim over {result['num_images']} images "
+          f"(mean NFE {result['nfe_mean']:.0f})", flush=True)
+    out = FLAGS.out or os.path.join(FLAGS.outdir or workdir or ".", "likelihood.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(lik.summary_json(result, source=FLAGS.data or FLAGS.images, checkpoint=FLAGS.checkpoint,
+                                   workdir=workdir, base_seed=FLAGS.base_seed, **settings), f, indent=1)
+    print(f"wrote {out}", flush=True)
+
+
 class _OwnInfoOnly(std_logging.Filter):
     """Lets INFO through only from this repository's loggers ('edm_jax'). Orbax reports every stage of every checkpoint
     save at INFO through absl (a dozen lines per save) and JAX its backend probing; that buries the
@@ -233,8 +291,8 @@ def main(argv):
     except distributed.DistributedError as e:
         _fail(str(e))
 
-    if FLAGS.mode in ("sample", "eval"):
-        run = _sample if FLAGS.mode == "sample" else _evaluate
+    if FLAGS.mode in ("sample", "eval", "likelihood"):
+        run = {"sample": _sample, "eval": _evaluate, "likelihood": _likelihood}[FLAGS.mode]
         try:
             run(FLAGS.workdir or (os.path.join("runs", config_name(config_arg)) if config_arg else None))
         except (OSError, ValueError, NotImplementedError, pickle.UnpicklingError) as e:
