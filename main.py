@@ -6,6 +6,8 @@ r"""edm-jax command line: train, sample, evaluate and convert EDM models.
   python main.py --config=configs/quickstart_classifier.py --mode=train_classifier  # guidance classifier
   python main.py --mode=convert --checkpoint=edm-cifar10-32x32-cond-vp.pkl --workdir=runs/edm_cond_vp
   python main.py --mode=convert --checkpoint=psld.ckpt --config=configs/cifar10_psld.py --workdir=runs/psld
+  python main.py --mode=sample --workdir=runs/edm_cond_vp --sampler=dpmpp_2m --steps=20   # k-diffusion samplers
+  python main.py --mode=likelihood --workdir=runs/edm_cond_vp --data=cifar10.zip --num_images=1000   # bits/dim
 
 Config fields can be overridden from the command line, e.g. `--config.train.batch_size=64`.
 Re-running the same train command resumes from the newest checkpoint in the workdir.
@@ -24,7 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-MODES = ("train", "sample", "eval", "convert", "train_classifier")
+MODES = ("train", "sample", "eval", "likelihood", "convert", "train_classifier")
 
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file (configs/*.py[:arg]).",
                                 lock_config=True)
@@ -55,7 +57,14 @@ flags.DEFINE_float("S_churn", None, "Stochasticity strength (Algorithm 2).")
 flags.DEFINE_float("S_min", None, "Churn only for sigma >= S_min.")
 flags.DEFINE_float("S_max", None, "Churn only for sigma <= S_max.")
 flags.DEFINE_float("S_noise", None, "Noise inflation of the churn noise.")
-flags.DEFINE_enum("solver", None, ["euler", "heun"], "Ablation sampler: ODE solver.")
+flags.DEFINE_string("sampler", None, "edm (default), ablation, or a k-diffusion sampler: euler, heun, dpm_2, lms, "
+                    "euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, "
+                    "dpmpp_3m_sde, dpm_fast, dpm_adaptive (on the Karras grid of --steps levels).")
+flags.DEFINE_float("eta", None, "k-samplers: ancestral / SDE noise amount eta (default: the sampler's own).")
+flags.DEFINE_float("rtol", None, "dpm_adaptive's relative tolerance; --mode=likelihood: the rk45 solver's (1e-5).")
+flags.DEFINE_float("atol", None, "dpm_adaptive's absolute tolerance; --mode=likelihood: the rk45 solver's (1e-5).")
+flags.DEFINE_enum("solver", None, ["euler", "heun", "rk45"], "Ablation sampler: ODE solver (euler, heun); "
+                  "--mode=likelihood: rk45 (adaptive, default) or heun (--steps grid points, default 64).")
 flags.DEFINE_enum("disc", None, ["vp", "ve", "iddpm", "edm"], "Ablation sampler: time-step discretisation.")
 flags.DEFINE_enum("schedule", None, ["vp", "ve", "linear"], "Ablation sampler: noise schedule sigma(t).")
 flags.DEFINE_enum("scaling", None, ["vp", "none"], "Ablation sampler: signal scaling s(t).")
@@ -65,12 +74,23 @@ flags.DEFINE_enum("scaling", None, ["vp", "none"], "Ablation sampler: signal sca
 flags.DEFINE_string("images", None, "A sample folder (PNGs) or npz (--format=npz output) to evaluate.")
 flags.DEFINE_string("ref", None, "Reference statistics: an npz with mu and sigma (the published fid-refs format).")
 flags.DEFINE_string("ref_out", None, "Write the reference statistics of --data to this npz instead of scoring.")
-flags.DEFINE_string("data", None, "Dataset for --ref_out: a reference-format zip or folder, or tfds:<name>.")
+flags.DEFINE_string("data", None, "Dataset for --ref_out (a reference-format zip or folder, or tfds:<name>) or "
+                    "--mode=likelihood (zip or folder).")
 flags.DEFINE_string("inception", None, "pt_inception-2015-12-05-6726825d.pth; default $EDM_JAX_INCEPTION_WEIGHTS "
                     "or ~/.cache/edm_jax/.")
 flags.DEFINE_integer("num", 50000, "Images per FID when sampling a model (seeds 0..num-1 unless --seeds is given).")
 flags.DEFINE_enum("protocol", "single", ["single", "paper"], "paper: three seed ranges of --num, report each and "
                   "the minimum (Karras et al. 2022).")
+
+
+# --mode=likelihood (edm_jax.likelihood_driver): bits/dim of --data or --images under the probability-flow ODE,
+# with --batch, --base_seed (dequantisation and probe keys), --sigma_min/--sigma_max, --steps (heun), --rtol/--atol.
+flags.DEFINE_integer("num_images", None, "N images (a --data set's reference random subset, an --images folder's "
+                     "first N); default all.")
+flags.DEFINE_integer("probes", 1, "Hutchinson probes per image (the divergence estimate's sample count).")
+flags.DEFINE_enum("divergence", "hutchinson", ["hutchinson", "exact"], "Divergence of the ODE's drift: Hutchinson's "
+                  "estimate or the exact Jacobian trace (small images only).")
+flags.DEFINE_string("out", None, "JSON summary; default <outdir or workdir>/likelihood.json.")
 
 
 def config_name(config_arg: str | None) -> str:
@@ -123,8 +143,9 @@ def _sample_fn(workdir):
 def _sampler_flags() -> dict:
     """The sampler flags as the process's settings overrides (None = not given); the process refuses the
     ones its family does not have."""
-    return dict(num_steps=FLAGS.steps, sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho,
-                S_churn=FLAGS.S_churn, S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise,
+    return dict(sampler=FLAGS.sampler, eta=FLAGS.eta, rtol=FLAGS.rtol, atol=FLAGS.atol, num_steps=FLAGS.steps,
+                sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho, S_churn=FLAGS.S_churn,
+                S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise,
                 solver=FLAGS.solver, discretization=FLAGS.disc, schedule=FLAGS.schedule, scaling=FLAGS.scaling)
 
 
@@ -212,6 +233,53 @@ def _convert_psld(path, workdir, config_arg):
                                             process=None if process is None else process.to_dict())
 
 
+def _likelihood(workdir):
+    """--mode=likelihood: bits/dim of --data or --images under the model in --checkpoint/--workdir."""
+    import json
+
+    from edm_jax import evaluate, generate, likelihood_driver as lik
+    from edm_jax.diffusion.process import SigmaProcess
+
+    if bool(FLAGS.data) == bool(FLAGS.images):
+        raise ValueError("--mode=likelihood needs exactly one of --data=ZIP|FOLDER (a dataset) or --images=DIR")
+    if FLAGS.checkpoint is None and workdir is None:
+        raise ValueError("--mode=likelihood needs --checkpoint=PATH.pkl or --workdir=DIR (a training or converted run)")
+    model = generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint)
+    if not isinstance(model.process, SigmaProcess):
+        raise ValueError(f"--mode=likelihood integrates the σ-family ODE; the {model.process.name!r} process has none")
+    labels = None
+    if FLAGS.data:
+        from edm_jax import data
+
+        dataset = data.load_image_dataset(FLAGS.data, max_size=FLAGS.num_images, use_labels=model.label_dim > 0)
+        images, labels = dataset.images, dataset.labels
+    else:
+        images = evaluate.load_images(FLAGS.images, FLAGS.num_images)
+    if model.label_dim and labels is None:
+        raise ValueError(f"the model is class-conditional ({model.label_dim} classes): give --data with labels "
+                         "(a dataset.json), not an unlabelled image folder")
+    if tuple(images.shape[1:]) != model.image_shape:
+        raise ValueError(f"images are {images.shape[1:]} but the model takes {model.image_shape}")
+    sigma_min, sigma_max = lik.sigma_range_of(model.process, FLAGS.sigma_min, FLAGS.sigma_max)
+    settings = dict(sigma_min=sigma_min, sigma_max=sigma_max, num_probes=FLAGS.probes, divergence=FLAGS.divergence,
+                    solver=FLAGS.solver or "rk45", rtol=FLAGS.rtol or 1e-5, atol=FLAGS.atol or 1e-5,
+                    num_steps=FLAGS.steps or 64)
+    if settings["solver"] not in ("rk45", "heun"):
+        raise ValueError(f"--mode=likelihood takes --solver=rk45 or heun, got {settings['solver']}")
+    mesh = generate.make_mesh()
+    fn = lik.make_likelihood_fn(model.denoise, mesh=mesh, label_dim=model.label_dim, **settings)
+    result = lik.likelihood_of_images(fn, images, labels, batch=FLAGS.batch, mesh=mesh, base_seed=FLAGS.base_seed,
+                                      progress=True)
+    print(f"{result['bits_per_dim']:.4f} ± {result['std_err']:.4f} bits/dim over {result['num_images']} images "
+          f"(mean NFE {result['nfe_mean']:.0f})", flush=True)
+    out = FLAGS.out or os.path.join(FLAGS.outdir or workdir or ".", "likelihood.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(lik.summary_json(result, source=FLAGS.data or FLAGS.images, checkpoint=FLAGS.checkpoint,
+                                   workdir=workdir, base_seed=FLAGS.base_seed, **settings), f, indent=1)
+    print(f"wrote {out}", flush=True)
+
+
 class _OwnInfoOnly(std_logging.Filter):
     """Lets INFO through only from this repository's loggers ('edm_jax'). Orbax reports every stage of every checkpoint
     save at INFO through absl (a dozen lines per save) and JAX its backend probing; that buries the
@@ -254,8 +322,8 @@ def main(argv):
     except distributed.DistributedError as e:
         _fail(str(e))
 
-    if FLAGS.mode in ("sample", "eval"):
-        run = _sample if FLAGS.mode == "sample" else _evaluate
+    if FLAGS.mode in ("sample", "eval", "likelihood"):
+        run = {"sample": _sample, "eval": _evaluate, "likelihood": _likelihood}[FLAGS.mode]
         try:
             run(FLAGS.workdir or (os.path.join("runs", config_name(config_arg)) if config_arg else None))
         except (OSError, ValueError, NotImplementedError, pickle.UnpicklingError) as e:

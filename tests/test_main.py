@@ -84,3 +84,18 @@ def test_classifier_free_guidance_flag(tmp_path):
     plain = _run(*common, f"--workdir={work}", f"--outdir={tmp_path / 'plain'}")
     assert (tmp_path / "plain" / "000000" / "000001.png").read_bytes() == outputs["0"]
     assert outputs["2"] != outputs["0"]
+
+
+def test_ksampler_flags_reach_the_sampler(tmp_path):
+    """--sampler/--eta select a k-diffusion sampler (printed settings, images written); a flag the sampler
+    does not take is one sentence naming the samplers that do."""
+    snap = f"{os.path.dirname(REPO)}/shared/fixtures/snapshot_small.pkl"
+    done = _run("--mode=sample", f"--checkpoint={snap}", "--seeds=0-1", "--batch=8", "--steps=3",
+                "--sampler=dpmpp_2m_sde", "--eta=0.5", f"--outdir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sampler='dpmpp_2m_sde'" in done.stdout and "eta=0.5" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "000000").iterdir()) == ["000000.png", "000001.png"]
+    done = _run("--mode=sample", f"--checkpoint={snap}", "--sampler=dpmpp_2m", "--eta=0.5", f"--outdir={tmp_path}")
+    error = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(error) == 1
+    assert "sampler 'dpmpp_2m' takes no eta; samplers that do:" in error[0]

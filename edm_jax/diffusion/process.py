@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from edm_jax.diffusion import guidance, losses, sampling
 from edm_jax.diffusion import precond as precond_lib
+from edm_jax.diffusion import ksamplers
 from edm_jax.diffusion.sampler_settings import SamplerSettings, settings_for
 
 __all__ = ["Process", "SigmaProcess", "sigma_process", "make_process", "PROCESSES", "SIGMA_PRESETS"]
@@ -131,8 +132,11 @@ class SigmaProcess:
         return base.override(**overrides).clamp_to(self.precond)
 
     def sampler(self, settings: SamplerSettings) -> Callable:
-        """`run(model_fn, latents, class_labels=None, key=None)` -> samples: Algorithm 1/2 (`edm`) or the
-        ablation sampler, with the network's σ rounding (iDDPM) applied to every σ the denoiser sees."""
+        """`run(model_fn, latents, class_labels=None, key=None)` -> samples: Algorithm 1/2 (`edm`), the
+        ablation sampler or a k-diffusion sampler on the Karras grid, with the network's σ rounding (iDDPM)
+        applied to every σ the grid holds (the denoiser sees)."""
+        if settings.is_ksampler:
+            return _ksampler_run(settings, self.precond.round_sigma)
         fn = sampling.edm_sampler if settings.sampler == "edm" else sampling.ablation_sampler
         kwargs = settings.sampler_kwargs()
 
@@ -157,6 +161,25 @@ class SigmaProcess:
         if self.loss_kind not in (None, SIGMA_PRESETS.get(self.name, (None, None))[1]):
             out["loss"] = self.loss_kind
         return out
+
+
+def _ksampler_run(settings: SamplerSettings, round_sigma) -> Callable:
+    """`run(model_fn, latents, class_labels=None, key=None)` of k-sampler `settings.sampler` on its Karras grid.
+
+    dpm_fast / dpm_adaptive stop at σ_min (k-diffusion's convention); one more D(x; σ_min) maps their
+    state to data, as the other samplers' last step onto σ = 0 does (one extra NFE).
+    """
+    name, grid, kwargs = settings.sampler, settings.ksampler_grid(round_sigma), settings.ksampler_kwargs()
+    fn = ksamplers.KSAMPLERS[name]
+
+    def run(model_fn, latents, class_labels=None, key=None):
+        x = fn(model_fn, latents, class_labels, sigmas=grid, key=key, **kwargs)
+        if name not in ("dpm_fast", "dpm_adaptive"):
+            return x
+        x = x[0] if name == "dpm_adaptive" else x  # (samples, info)
+        return model_fn(x, jnp.full((x.shape[0],), grid[-2], x.dtype), class_labels)
+
+    return run
 
 
 def sigma_process(kind: str = "edm", *, loss: Optional[str] = None, precond_kwargs: Optional[Mapping] = None,

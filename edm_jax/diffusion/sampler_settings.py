@@ -2,36 +2,56 @@
 
 `SamplerSettings` is a frozen record of every choice the reference's generate.py exposes (Algorithm 1/2
 or the ablation sampler's solver, discretization, schedule and scaling; the σ range, ρ and the churn
-parameters), and `settings_for` gives the paper's per-dataset defaults. A σ-family process
+parameters) plus k-diffusion's sampler menu (`edm_jax.diffusion.ksamplers`, on the Karras grid of Eq. 5
+with its η, tolerances and order), and `settings_for` gives the paper's per-dataset defaults. A σ-family process
 (edm_jax.diffusion.process) turns settings into a sampler; drivers never read the fields themselves.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Optional
 
 import numpy as np
 
 from edm_jax.diffusion import sampling, schedules
+from edm_jax.diffusion import ksigmas
+from edm_jax.diffusion.ksamplers import KSAMPLERS
 
 __all__ = ["SamplerSettings", "settings_for", "SAMPLERS", "NoPresetError"]
+
+
+def _defaults(name: str) -> dict:
+    """The keyword hyperparameters of k-sampler `name` with their defaults (its keyword-only arguments)."""
+    return {k: p.default for k, p in inspect.signature(KSAMPLERS[name]).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and k not in ("sigmas", "key", "noise", "sigma_min", "sigma_max")}
 
 
 class NoPresetError(ValueError):
     """The paper gives no sampler settings for this resolution or dataset."""
 
 _EDM_ONLY = {"solver": "heun", "discretization": "edm", "schedule": "linear", "scaling": "none"}
-SAMPLERS = ("edm", "ablation")
+SAMPLERS = ("edm", "ablation", *sorted(set(KSAMPLERS) - {"edm"}))
+# The k-sampler keyword each settings field feeds (EDM's churn names -> k-diffusion's), when it takes it.
+KSAMPLER_FIELDS = {"S_churn": "s_churn", "S_min": "s_tmin", "S_max": "s_tmax", "S_noise": "s_noise",
+                   "eta": "eta", "rtol": "rtol", "atol": "atol", "order": "order"}
+_FIELD_DEFAULTS = {"S_churn": 0.0, "S_min": 0.0, "S_max": math.inf, "S_noise": 1.0}
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
     """Everything that picks the sampler and its time steps; defaults are the paper's CIFAR-10 settings.
 
-    sampler: 'edm' (Algorithm 2 with Heun / Eq. 5 grid / σ(t) = t / s(t) = 1) or 'ablation' (any solver,
-      discretization, schedule, scaling — the reference switches to it when one of those is given).
+    sampler: 'edm' (Algorithm 2 with Heun / Eq. 5 grid / σ(t) = t / s(t) = 1), 'ablation' (any solver,
+      discretization, schedule, scaling — the reference switches to it when one of those is given), or a
+      k-diffusion sampler of `ksamplers.KSAMPLERS` ('euler', 'dpmpp_2m', ...) on the Karras grid of
+      num_steps levels from σ_max to σ_min (S = num_steps steps; dpm_fast makes n = num_steps evaluations;
+      dpm_fast / dpm_adaptive end at σ_min and one more D(x; σ_min) call denoises their output).
+    eta: the ancestral / SDE samplers' η (None = the sampler's default, 1 or 0 for dpm_fast / adaptive).
+    rtol / atol: dpm_adaptive's tolerances; order: lms' (default 4) or dpm_adaptive's (2 or 3; default 3).
+      The churn fields S_churn, S_min, S_max feed euler / heun / dpm_2; S_noise every noisy k-sampler.
     sigma_min / sigma_max: None = the sampler's default ([0.002, 80] for edm, the discretization's for
       ablation, `schedules.default_sigma_range`); `clamp_to(precond)` then clips to the network's range.
     """
@@ -49,14 +69,20 @@ class SamplerSettings:
     discretization: str = "edm"
     schedule: str = "linear"
     scaling: str = "none"
+    eta: Optional[float] = None
+    rtol: Optional[float] = None
+    atol: Optional[float] = None
+    order: Optional[int] = None
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {list(SAMPLERS)}")
-        if self.sampler == "edm":
+        if self.sampler != "ablation":
             off = {k: getattr(self, k) for k, v in _EDM_ONLY.items() if getattr(self, k) != v}
             if off:
-                raise ValueError(f"{off} needs sampler='ablation' (the edm sampler is fixed to {_EDM_ONLY})")
+                raise ValueError(f"{off} needs sampler='ablation' (only it takes {sorted(_EDM_ONLY)}; "
+                                 f"the {self.sampler} sampler runs with {_EDM_ONLY})")
+        self._check_ksampler_fields()
         for name, allowed in (("solver", sampling.SOLVERS), ("discretization", schedules.DISCRETIZATIONS),
                               ("schedule", schedules.SCHEDULES), ("scaling", tuple(schedules.SCALINGS))):
             if getattr(self, name) not in allowed:
@@ -71,13 +97,42 @@ class SamplerSettings:
         if self.S_churn < 0 or self.S_noise < 0:
             raise ValueError(f"S_churn and S_noise must be ≥ 0, got {self.S_churn}, {self.S_noise}")
 
+    def _check_ksampler_fields(self):
+        """A field set away from its default must be one the chosen sampler takes (one sentence naming them)."""
+        takes = set(_defaults(self.sampler)) if self.is_ksampler else {KSAMPLER_FIELDS[f] for f in _FIELD_DEFAULTS}
+        for name, kw in KSAMPLER_FIELDS.items():
+            if getattr(self, name) != _FIELD_DEFAULTS.get(name) and kw not in takes:
+                users = sorted(k for k in SAMPLERS if k in KSAMPLERS and kw in _defaults(k))
+                raise ValueError(f"sampler {self.sampler!r} takes no {name}; samplers that do: {users}")
+        if self.eta is not None and self.eta < 0:
+            raise ValueError(f"eta must be ≥ 0, got {self.eta}")
+
+    @property
+    def is_ksampler(self) -> bool:
+        """A sampler of k-diffusion's menu (`ksamplers.KSAMPLERS`), run on the Karras grid."""
+        return self.sampler not in ("edm", "ablation")
+
     @property
     def stochastic(self) -> bool:
-        return self.S_churn > 0
+        if not self.is_ksampler:
+            return self.S_churn > 0
+        kw = {**_defaults(self.sampler), **self.ksampler_kwargs()}
+        return kw.get("s_churn", 0) > 0 or kw.get("eta", 0) > 0
+
+    def ksampler_kwargs(self) -> dict:
+        """The k-sampler's own keywords from the fields it takes (None fields keep its defaults)."""
+        if not self.is_ksampler:
+            return {}
+        params = _defaults(self.sampler)
+        kw = {KSAMPLER_FIELDS[f]: getattr(self, f) for f in KSAMPLER_FIELDS
+              if KSAMPLER_FIELDS[f] in params and getattr(self, f) is not None}
+        if self.sampler == "dpm_fast":  # its step count is its number of evaluations n
+            kw["n"] = self.num_steps
+        return {k: (int(v) if k in ("order", "n") else float(v)) for k, v in kw.items()}
 
     def sigma_range(self) -> tuple[float, float]:
         """(σ_min, σ_max) with None replaced by the sampler's default (before any clamping)."""
-        if self.sampler == "edm":
+        if self.sampler != "ablation":  # edm and the k-samplers: the Karras grid's defaults
             lo, hi = 0.002, 80.0
         else:
             lo, hi = schedules.default_sigma_range(self.discretization)
@@ -104,6 +159,18 @@ class SamplerSettings:
         if "sampler" not in changes and set(changes) & set(_EDM_ONLY):
             changes["sampler"] = "ablation"
         return dataclasses.replace(self, **changes)
+
+    def ksampler_grid(self, round_sigma=None) -> np.ndarray:
+        """The k-sampler's σ grid, float64 [num_steps + 1]: Eq. 5 over the (clamped) σ range, then 0, with the
+        network's σ rounding (iDDPM's discrete levels) applied on the host to every positive level, as
+        `sampling.edm_sampler` rounds its t_i."""
+        lo, hi = self.sigma_range()
+        grid = ksigmas.karras_sigmas(int(self.num_steps), lo, hi, float(self.rho))
+        grid[:-1] = sampling._host_round_sigma(round_sigma)(grid[:-1])
+        if np.any(np.diff(grid) >= 0):
+            raise ValueError(f"{self.num_steps} steps over [{lo}, {hi}] repeat a noise level once rounded to the "
+                             "network's discrete σ levels; use fewer steps")
+        return grid
 
     def sampler_kwargs(self) -> dict:
         """Keyword arguments for `sampling.edm_sampler` / `ablation_sampler` (σ range resolved)."""
