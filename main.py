@@ -20,7 +20,6 @@ import os
 import pathlib
 import pickle
 import sys
-import zipfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -50,6 +49,7 @@ flags.DEFINE_string("classifier", None, "Classifier guidance: a --mode=train_cla
 flags.DEFINE_float("classifier_scale", 1.0, "Classifier guidance scale s (ADM's classifier_scale).")
 flags.DEFINE_integer("base_seed", 0, "Root of the per-seed keys (image s uses fold_in(key(base_seed), s)).")
 flags.DEFINE_integer("steps", None, "Sampler steps N (NFE = 2N - 1 for Heun).")
+flags.DEFINE_string("stride", None, "PSLD samplers' time grid: uniform | quadratic.")
 flags.DEFINE_float("sigma_min", None, "Lowest noise level.")
 flags.DEFINE_float("sigma_max", None, "Highest noise level.")
 flags.DEFINE_float("rho", None, "Time-step exponent (Eq. 5).")
@@ -57,9 +57,10 @@ flags.DEFINE_float("S_churn", None, "Stochasticity strength (Algorithm 2).")
 flags.DEFINE_float("S_min", None, "Churn only for sigma >= S_min.")
 flags.DEFINE_float("S_max", None, "Churn only for sigma <= S_max.")
 flags.DEFINE_float("S_noise", None, "Noise inflation of the churn noise.")
-flags.DEFINE_string("sampler", None, "edm (default), ablation, or a k-diffusion sampler: euler, heun, dpm_2, lms, "
-                    "euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, "
-                    "dpmpp_3m_sde, dpm_fast, dpm_adaptive (on the Karras grid of --steps levels).")
+flags.DEFINE_string("sampler", None, "Sampler of the model's family. σ family (EDM): edm (default), ablation, or a "
+                    "k-diffusion sampler: euler, heun, dpm_2, lms, euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral, "
+                    "dpmpp_sde, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, dpm_fast, dpm_adaptive (on the Karras grid of "
+                    "--steps levels). PSLD: em (default), sscs, ode_euler, ode_heun, ode_rk45.")
 flags.DEFINE_float("eta", None, "k-samplers: ancestral / SDE noise amount eta (default: the sampler's own).")
 flags.DEFINE_float("rtol", None, "dpm_adaptive's relative tolerance; --mode=likelihood: the rk45 solver's (1e-5).")
 flags.DEFINE_float("atol", None, "dpm_adaptive's absolute tolerance; --mode=likelihood: the rk45 solver's (1e-5).")
@@ -102,6 +103,11 @@ def config_name(config_arg: str | None) -> str:
     return f"{stem}_{arg}" if arg else stem
 
 
+def _config_arg() -> str | None:
+    """The --config argument as given (path[:arg]); None without one."""
+    return FLAGS["config"].config_filename if FLAGS["config"].present else None
+
+
 def _fail(message: str) -> None:
     """One clear sentence on stderr and exit status 2 (no traceback for user errors). It is the last line:
     the process ends here, so no library's shutdown hook (orbax's event loops) prints after it."""
@@ -115,10 +121,17 @@ def _sample_fn(workdir):
     """The sharded sample function of the model in --checkpoint or --workdir, with the sampler flags applied."""
     from edm_jax import generate, guided_models
     from edm_jax.diffusion.sampler_settings import NoPresetError
+    from edm_jax.interop import psld_checkpoint
+    from edm_jax.interop.rundir import process_from_config
 
     if FLAGS.checkpoint is None and workdir is None:
         raise ValueError(f"--mode={FLAGS.mode} needs --checkpoint=PATH.pkl or --workdir=DIR (a training or converted run)")
-    model = generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint)
+    psld = {}  # a PSLD .ckpt holds no settings: the network and the process come from --config
+    ckpt = FLAGS.checkpoint
+    if ckpt and os.path.isfile(ckpt) and psld_checkpoint.is_lightning_checkpoint(ckpt):
+        psld = dict(network_kwargs=_psld_network_kwargs(ckpt, _config_arg()),
+                    process=process_from_config(FLAGS.config))
+    model = generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint, **psld)
     dataset = (model.config.get("dataset") or {}).get("path") if isinstance(model.config.get("dataset"), dict) else None
     # The paper's settings by resolution; ImageNet-64 has its own stochastic ones (recognised by name).
     hint = dataset if dataset and "imagenet" in str(dataset).lower() else None
@@ -144,8 +157,8 @@ def _sampler_flags() -> dict:
     """The sampler flags as the process's settings overrides (None = not given); the process refuses the
     ones its family does not have."""
     return dict(sampler=FLAGS.sampler, eta=FLAGS.eta, rtol=FLAGS.rtol, atol=FLAGS.atol, num_steps=FLAGS.steps,
-                sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho, S_churn=FLAGS.S_churn,
-                S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise,
+                stride=FLAGS.stride, sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max, rho=FLAGS.rho,
+                S_churn=FLAGS.S_churn, S_min=FLAGS.S_min, S_max=FLAGS.S_max, S_noise=FLAGS.S_noise,
                 solver=FLAGS.solver, discretization=FLAGS.disc, schedule=FLAGS.schedule, scaling=FLAGS.scaling)
 
 
@@ -209,15 +222,8 @@ def _evaluate(workdir):
             f.write(json.dumps(result) + "\n")
 
 
-def _is_lightning_checkpoint(path):
-    """PSLD's checkpoints are Lightning `.ckpt` files (torch.save zip archives); EDM's are plain pickles."""
-    return path.endswith(".ckpt") or zipfile.is_zipfile(path)
-
-
-def _convert_psld(path, workdir, config_arg):
-    """A PSLD checkpoint holds no hyperparameters: the network comes from the config's model and network_io."""
-    from edm_jax.interop import psld_checkpoint
-
+def _psld_network_kwargs(path, config_arg):
+    """SongUNet kwargs for a PSLD checkpoint, which holds no hyperparameters: the config's model and network_io."""
     if config_arg is None:
         raise ValueError(f"{path} is a PyTorch Lightning checkpoint, which holds no network settings; pass the "
                          "config it was trained with, e.g. --config=configs/cifar10_psld.py")
@@ -228,7 +234,15 @@ def _convert_psld(path, workdir, config_arg):
                          "(img_resolution, in_channels, out_channels); see configs/cifar10_psld.py")
     kwargs = {k: v for k, v in model.to_dict().items() if k not in ("name", "dtype")}
     kwargs.update(io.to_dict())
-    process = config.get("process")
+    return kwargs
+
+
+def _convert_psld(path, workdir, config_arg):
+    """The network from the config; its process section is recorded as given (the file holds none)."""
+    from edm_jax.interop import psld_checkpoint
+
+    kwargs = _psld_network_kwargs(path, config_arg)  # first: without --config there is no FLAGS.config
+    process = FLAGS.config.get("process")
     psld_checkpoint.convert_psld_checkpoint(path, workdir, kwargs,
                                             process=None if process is None else process.to_dict())
 
@@ -295,7 +309,7 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}; flags look like --mode=train")
     if FLAGS.verbosity < 1:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    config_arg = FLAGS["config"].config_filename if FLAGS["config"].present else None
+    config_arg = _config_arg()
     workdir = FLAGS.workdir or os.path.join("runs", config_name(config_arg))
 
     if FLAGS.mode == "convert":
@@ -305,9 +319,10 @@ def main(argv):
         if not FLAGS.workdir:
             _fail("--mode=convert needs --workdir=DIR: the folder that will hold the converted checkpoint")
         from edm_jax import convert  # heavy imports only for the mode that needs them
+        from edm_jax.interop import psld_checkpoint
 
         try:
-            if _is_lightning_checkpoint(FLAGS.checkpoint):
+            if psld_checkpoint.is_lightning_checkpoint(FLAGS.checkpoint):
                 _convert_psld(FLAGS.checkpoint, FLAGS.workdir, config_arg)
             else:
                 convert.convert_snapshot(FLAGS.checkpoint, FLAGS.workdir)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 __all__ = ["Checkpointer", "CheckpointError", "checksums", "verify_checksums"]
 
@@ -143,6 +144,7 @@ class Checkpointer:
         damaged, incompatible = [], []
         for step in reversed(steps):
             try:
+                self._check_stored_shapes(step, abstract_state)
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
                 state, meta = restored["state"], dict(restored["meta"])
@@ -171,6 +173,26 @@ class Checkpointer:
         reasons = "; ".join(f"step {step}: {msg}" for step, msg in damaged[:2])
         raise CheckpointError(f"all {len(steps)} checkpoints in {self.directory} are damaged ({reasons}); "
                               f"start over with a new --workdir.")
+
+    def _check_stored_shapes(self, step: int, abstract_state: Any) -> None:
+        """Refuse a checkpoint of another network from its metadata, before any array is read. Why not let
+        the restore find out: orbax reads all arrays concurrently and raises at the first misfit; the reads
+        still in flight then complete into its closed event loop, and their callbacks print asyncio tracebacks
+        ('Event loop is closed') onto the screen, after or inside our one-sentence error."""
+        path = epath.Path(self.directory) / str(step) / "state"
+        try:
+            stored = ocp.StandardCheckpointHandler().metadata(path)
+        except Exception:  # noqa: BLE001 (unreadable metadata: the restore below says what is damaged)
+            return
+        stored = {_path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        for p, want in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+            got = stored.get(_path_name(p))
+            if (got is None or jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key)
+                    or getattr(got, "shape", None) is None):
+                continue  # names orbax stores differently are left to the restore's own checks
+            if tuple(got.shape) != tuple(want.shape):
+                raise _Incompatible(f"array {_path_name(p)} is {tuple(got.shape)} in the checkpoint where this run "
+                                    f"has {tuple(want.shape)}")
 
     def _move_aside(self, step: int) -> str:
         """Move a damaged checkpoint out of the manager's sight (kept for inspection) and forget it."""

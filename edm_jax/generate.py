@@ -773,19 +773,28 @@ class LoadedModel(NamedTuple):
     config: dict
 
 
-def load_model(workdir=None, checkpoint=None, *, dtype=jnp.float32) -> LoadedModel:
+def load_model(workdir=None, checkpoint=None, *, dtype=jnp.float32, network_kwargs=None,
+               process=None) -> LoadedModel:
     """(denoise_fn, image_shape, label_dim, process, config) of a model for `make_sample_fn`.
 
-    `checkpoint`: a reference snapshot pickle (`convert.load_snapshot`), or a directory of training
-    checkpoints (`load_training_checkpoint`). Otherwise `workdir`: a folder made by `--mode=convert`
-    (`convert.load_converted`), else its training checkpoints. `denoise_fn` is a `BoundDenoiser` over the
-    EMA network's variables (the process's model, e.g. D of Eq. 7; NHWC); image_shape is the data's (H, W, C).
+    `checkpoint`: a reference snapshot pickle (`convert.load_snapshot`), a PSLD Lightning `.ckpt`
+    (`psld_checkpoint.load_psld_snapshot`, which needs the SongUNet `network_kwargs` and the `process`: the
+    file holds neither), or a directory of training checkpoints (`load_training_checkpoint`). Otherwise
+    `workdir`: a folder made by `--mode=convert` (`convert.load_converted`), else its training checkpoints.
+    `denoise_fn` is a `BoundDenoiser` over the EMA network's variables (the process's model, e.g. D of Eq. 7;
+    NHWC); image_shape is the data's (H, W, C).
     """
     from edm_jax import convert
+    from edm_jax.interop import psld_checkpoint
 
     if checkpoint is not None:
         if os.path.isdir(checkpoint):
             snap = load_training_checkpoint(checkpoint, dtype)
+        elif os.path.isfile(checkpoint) and psld_checkpoint.is_lightning_checkpoint(checkpoint):
+            if network_kwargs is None or process is None:
+                raise ValueError(f"{checkpoint} is a PSLD Lightning checkpoint, which holds no network or process "
+                                 "settings; load_model needs network_kwargs= and process= for it")
+            snap = psld_checkpoint.load_psld_snapshot(checkpoint, network_kwargs, process, dtype=dtype)
         elif os.path.isfile(checkpoint):
             snap = convert.load_snapshot(checkpoint, dtype=dtype)
         else:

@@ -265,8 +265,8 @@ def test_code_payload_is_refused_and_never_runs(tmp_path, kwargs):
 # ---------------------------------------------------------------------------------------------------
 # The CLI converter.
 
-def test_convert_cli_on_the_small_checkpoint(tmp_path, fx):
-    # The released CIFAR-10 config with the small checkpoint's sizes (psld_net.npz's songunet_kwargs).
+def _small_config(tmp_path, fx):
+    """The released CIFAR-10 config with the small checkpoint's sizes (psld_net.npz's songunet_kwargs)."""
     small = {k: v for k, v in fx["config"]["songunet_kwargs"].items() if k not in ("label_dim", "augment_dim")}
     io_keys = ("img_resolution", "in_channels", "out_channels")
     config = tmp_path / "psld_small.py"
@@ -276,6 +276,11 @@ def test_convert_cli_on_the_small_checkpoint(tmp_path, fx):
                       f"    c.model.update({ {k: v for k, v in small.items() if k not in io_keys}!r})\n"
                       f"    c.network_io.update({ {k: small[k] for k in io_keys}!r})\n"
                       "    return c\n")
+    return config
+
+
+def test_convert_cli_on_the_small_checkpoint(tmp_path, fx):
+    config = _small_config(tmp_path, fx)
     workdir = tmp_path / "run"
     cmd = [sys.executable, os.path.join(REPO, "main.py"), "--mode=convert", f"--checkpoint={CKPT}",
            f"--config={config}", f"--workdir={workdir}"]
@@ -300,3 +305,37 @@ def test_convert_cli_on_the_small_checkpoint(tmp_path, fx):
         bad = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
         assert re.search(match, bad.stderr), bad.stderr[-2000:]
+
+
+def test_sample_cli_straight_from_the_small_checkpoint(tmp_path, fx):
+    """--mode=sample --checkpoint=X.ckpt: the network and the PSLD process from --config, the flags' sampler."""
+    outdir = tmp_path / "samples"
+    cmd = [sys.executable, os.path.join(REPO, "main.py"), "--mode=sample", f"--checkpoint={CKPT}",
+           f"--config={_small_config(tmp_path, fx)}", "--seeds=0-1", "--batch=2", "--sampler=em", "--steps=3",
+           "--stride=quadratic", f"--outdir={outdir}", "--nosubdirs"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sampler='em', num_steps=3, stride='quadratic'" in done.stdout, done.stdout[-2000:]
+    size = fx["config"]["songunet_kwargs"]["img_resolution"]
+    pngs = sorted(outdir.glob("0*.png"))  # the seeds (grid.png: their overview)
+    assert [p.name for p in pngs] == ["000000.png", "000001.png"]
+    from PIL import Image
+    images = [np.asarray(Image.open(p)) for p in pngs]
+    assert all(im.shape == (size, size, 3) for im in images) and not np.array_equal(*images)  # seeds differ
+
+    # The library's loader: the same network as load_psld_checkpoint, the config's process.
+    from edm_jax.interop.rundir import process_from_config
+    from configs.cifar10_psld import get_config
+
+    process = process_from_config(get_config())
+    model = generate.load_model(checkpoint=str(CKPT), network_kwargs=fx["config"]["songunet_kwargs"], process=process)
+    assert model.process == process and model.image_shape == (size, size, 3) and model.label_dim == 0
+    with pytest.raises(ValueError, match="holds no network or process settings"):
+        generate.load_model(checkpoint=str(CKPT))
+
+    # Without --config: one sentence, no traceback.
+    bad = subprocess.run([a for a in cmd if not a.startswith("--config")], capture_output=True, text=True, cwd=REPO,
+                         timeout=300, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert "holds no network settings; pass the config" in bad.stderr.strip().splitlines()[-1]

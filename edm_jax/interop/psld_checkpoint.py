@@ -38,7 +38,8 @@ from edm_jax.networks import SongUNet
 
 __all__ = ["PSLDCheckpointError", "PRESETS", "songunet_kwargs_from_score_fn", "psld_network_kwargs",
            "psld_noise_label", "songunet_map", "psld_shapes", "songunet_state_dict", "read_psld_state_dict",
-           "check_fits", "load_psld_checkpoint", "convert_psld_checkpoint", "apply_psld_network"]
+           "check_fits", "is_lightning_checkpoint", "load_psld_checkpoint", "load_psld_snapshot",
+           "convert_psld_checkpoint", "apply_psld_network"]
 
 
 class PSLDCheckpointError(ValueError):
@@ -383,15 +384,15 @@ def load_psld_checkpoint(path, network_kwargs: Mapping, ema: bool = True, dtype=
                                            songunet_state_dict(weights, module), dtype=dtype)
 
 
-def convert_psld_checkpoint(path, workdir, network_kwargs: Mapping, process: Mapping | None = None,
-                            ema: bool = True) -> str:
-    """`main.py --mode=convert` for a PSLD checkpoint: the EMA network as an orbax checkpoint plus
-    `converted_config.json` in `workdir` (`edm_jax.convert.write_converted`; `convert.load_converted` reads
-    it back, with precond None). `process`: the config's process settings (Γ, ν, ...), recorded as given,
-    since the file does not hold them. Returns the checkpoint directory."""
-    module, variables = load_psld_checkpoint(path, network_kwargs, ema=ema)
+def is_lightning_checkpoint(path) -> bool:
+    """PSLD's checkpoints are Lightning `.ckpt` files (torch.save zip archives); EDM's are plain pickles."""
+    return os.fspath(path).endswith(".ckpt") or zipfile.is_zipfile(path)
+
+
+def _converted_config(path, module, network_kwargs: Mapping, process: Mapping | None, ema: bool) -> dict:
+    """The plain-data description of a loaded PSLD network (`convert.Snapshot.config`, `converted_config.json`)."""
     kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(network_kwargs).items()}
-    config = {
+    return {
         "source": os.fspath(path), "format": "psld_lightning", "weights": _PREFIXES[bool(ema)].rstrip("."),
         "network": {"model_type": "SongUNet", **kwargs},
         "noise_label": "log_t" if module.embedding_type == "fourier" else "t",  # psld_noise_label
@@ -400,4 +401,25 @@ def convert_psld_checkpoint(path, workdir, network_kwargs: Mapping, process: Map
         "img_resolution": int(module.img_resolution), "in_channels": int(module.in_channels),
         "out_channels": int(module.out_channels), "label_dim": 0,
     }
+
+
+def load_psld_snapshot(path, network_kwargs: Mapping, process, ema: bool = True, dtype=jnp.float32):
+    """A PSLD checkpoint as a `convert.Snapshot` to sample from without converting it first.
+
+    network_kwargs: as for `load_psld_checkpoint`. process: the forward process it was trained with (a
+    `PSLDProcess`, e.g. `interop.rundir.process_from_config(config)`); the file holds neither.
+    """
+    module, variables = load_psld_checkpoint(path, network_kwargs, ema=ema, dtype=dtype)
+    config = _converted_config(path, module, network_kwargs, process.describe(), ema)
+    return convert.Snapshot(config=config, params=variables, module=module, process=process)
+
+
+def convert_psld_checkpoint(path, workdir, network_kwargs: Mapping, process: Mapping | None = None,
+                            ema: bool = True) -> str:
+    """`main.py --mode=convert` for a PSLD checkpoint: the EMA network as an orbax checkpoint plus
+    `converted_config.json` in `workdir` (`edm_jax.convert.write_converted`; `convert.load_converted` reads
+    it back, with precond None). `process`: the config's process settings (Γ, ν, ...), recorded as given,
+    since the file does not hold them. Returns the checkpoint directory."""
+    module, variables = load_psld_checkpoint(path, network_kwargs, ema=ema)
+    config = _converted_config(path, module, network_kwargs, process, ema)
     return convert.write_converted(workdir, variables, config, f"PSLD SongUNet ({config['weights']}) from {path}")
