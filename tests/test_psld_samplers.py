@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_fixture, nchw_to_nhwc, rel_err
+from conftest import jit_fast, load_fixture, nchw_to_nhwc, rel_err
 from edm_jax.diffusion.psld import Factor, PhaseSpaceSDE, _apply, _bc
 from edm_jax.diffusion import psld_samplers as S
 
@@ -62,7 +62,7 @@ def test_sampler_parity(run):
                         jnp.float64)
         np.testing.assert_allclose(z_T, nchw_to_nhwc(f("z_init")), rtol=1e-15)
         fn = SAMPLERS[spec["sampler"]]
-        z0, aux = jax.jit(lambda z, n: fn(eps_fn, z, sde=sde, num_steps=META["n_discrete_steps"],
+        z0, aux = jit_fast(lambda z, n: fn(eps_fn, z, sde=sde, num_steps=META["n_discrete_steps"],
                                           stride=STRIDES[spec["stride"]], noise=n))(z_T, jnp.asarray(noise))
         np.testing.assert_allclose(S.time_grid(sde, META["n_discrete_steps"], spec["stride"]), f("ts"), rtol=1e-14)
     tol = 1e-10
@@ -81,8 +81,9 @@ def test_sampler_float32(run):
     sde = sde_of(spec["config"])
     z_T = jnp.asarray(nchw_to_nhwc(FIX[f"{run}z_init"]), jnp.float32)
     noise = jnp.asarray(np.transpose(FIX[f"{run}noise"], (0, 1, 3, 4, 2)), jnp.float32)
-    z0, _ = SAMPLERS[spec["sampler"]](gaussian_eps_fn(sde, jnp.asarray(MU, jnp.float32), DATA_S), z_T, sde=sde,
-                                      num_steps=META["n_discrete_steps"], stride=spec["stride"], noise=noise)
+    eps_fn = gaussian_eps_fn(sde, jnp.asarray(MU, jnp.float32), DATA_S)
+    z0, _ = jit_fast(lambda z, n: SAMPLERS[spec["sampler"]](eps_fn, z, sde=sde, num_steps=META["n_discrete_steps"],
+                                                            stride=spec["stride"], noise=n))(z_T, noise)
     assert rel_err(nchw_to_nhwc(FIX[f"{run}final"]), np.asarray(z0)) <= 1e-4
 
 
@@ -96,7 +97,7 @@ def test_ode_euler_parity():
     """100 Euler steps on the PF-ODE vs the fixture, every 10th state and the final one, ≤ 1e-10."""
     with jax.enable_x64(True):
         sde, eps_fn, z_T = _ode_setup()
-        z0, aux = S.ode_sampler(eps_fn, z_T, sde=sde, num_steps=100, solver="euler")
+        z0, aux = jit_fast(lambda z: S.ode_sampler(eps_fn, z, sde=sde, num_steps=100, solver="euler"))(z_T)
     states = np.transpose(np.asarray(aux["states"][::10]), (0, 1, 4, 2, 3))
     assert rel_err(states, FIX["psld/ode/euler_states_every10"]) <= 1e-10
     assert rel_err(np.transpose(np.asarray(z0), (0, 3, 1, 2)), FIX["psld/ode/euler_final"]) <= 1e-10
@@ -108,9 +109,8 @@ def test_ode_fixed_step_orders():
         sde, eps_fn, z_T = _ode_setup()
         ref = FIX["psld/ode/exact_final"]
         for solver, order in (("euler", 1), ("heun", 2)):
-            errs = [rel_err(np.transpose(np.asarray(S.ode_sampler(eps_fn, z_T, sde=sde, num_steps=n,
-                                                                  solver=solver)[0]), (0, 3, 1, 2)), ref)
-                    for n in (200, 400)]
+            run = lambda n: jit_fast(lambda z: S.ode_sampler(eps_fn, z, sde=sde, num_steps=n, solver=solver)[0])(z_T)
+            errs = [rel_err(np.transpose(np.asarray(run(n)), (0, 3, 1, 2)), ref) for n in (200, 400)]
             assert abs(np.log2(errs[0] / errs[1]) - order) < 0.25, (solver, errs)
 
 
@@ -120,7 +120,7 @@ def test_ode_adaptive_whole_batch_parity(tol):
     tolerance of the reference's RK45 result and of the 1e-12 solution."""
     with jax.enable_x64(True):
         sde, eps_fn, z_T = _ode_setup()
-        z0, aux = jax.jit(lambda z: S.ode_adaptive_sampler(eps_fn, z, sde=sde, rtol=10.0**-tol, atol=10.0**-tol,
+        z0, aux = jit_fast(lambda z: S.ode_adaptive_sampler(eps_fn, z, sde=sde, rtol=10.0**-tol, atol=10.0**-tol,
                                                          per_image=False))(z_T)
     z0 = np.transpose(np.asarray(z0), (0, 3, 1, 2))
     ref_nfe = int(FIX[f"psld/ode/rk45_tol{tol}_nfe"])
@@ -138,7 +138,7 @@ def test_ode_adaptive_whole_batch_parity(tol):
 def test_ode_adaptive_per_image_is_batch_independent():
     with jax.enable_x64(True):
         sde, eps_fn, z_T = _ode_setup()
-        run = jax.jit(lambda z: S.ode_adaptive_sampler(eps_fn, z, sde=sde, rtol=1e-5, atol=1e-5))
+        run = jit_fast(lambda z: S.ode_adaptive_sampler(eps_fn, z, sde=sde, rtol=1e-5, atol=1e-5))
         full, aux = run(z_T)
         part, aux2 = run(z_T[2:4])
     np.testing.assert_array_equal(np.asarray(full[2:4]), np.asarray(part))
@@ -171,9 +171,11 @@ def test_ode_transports_gaussian_moments():
         # stop before the denoising step: integrate to τ = 1 − ε_eval by removing it (ε_eval·f̄ added last)
         import diffrax
         vf = lambda tau, z, _: sde.reverse_drift(z, tau, eps_fn(z, jnp.full((3,), 1.0 - tau), None), ode=True)
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(vf), diffrax.Dopri5(), 0.0, 1.0 - t0, None, jnp.asarray(zs),
-                                  stepsize_controller=diffrax.PIDController(rtol=1e-11, atol=1e-11), max_steps=100000)
-    out = np.asarray(sol.ys[-1]).reshape(3, 2)
+        solve = jit_fast(lambda z: diffrax.diffeqsolve(
+            diffrax.ODETerm(vf), diffrax.Dopri5(), 0.0, 1.0 - t0, None, z,
+            stepsize_controller=diffrax.PIDController(rtol=1e-11, atol=1e-11), max_steps=100000).ys)
+        ys = solve(jnp.asarray(zs))
+    out = np.asarray(ys[-1]).reshape(3, 2)
     mean, B = out[0], (out[1:] - out[0]).T
     np.testing.assert_allclose(mean, a0, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(B @ B.T, P0, rtol=1e-6, atol=1e-9)
@@ -187,7 +189,7 @@ def test_samplers_reproduce_the_data_law(sampler, steps, stride, std_tol):
     mu = jnp.linspace(-0.5, 0.5, 8).reshape(2, 2, 2)
     n, s = 4096, 0.35
     z_T = sde.prior(jax.random.key(0), (n, 2, 2, 2))
-    z0, _ = jax.jit(lambda z: SAMPLERS[sampler](gaussian_eps_fn(sde, mu, s), z, sde=sde, num_steps=steps, stride=stride,
+    z0, _ = jit_fast(lambda z: SAMPLERS[sampler](gaussian_eps_fn(sde, mu, s), z, sde=sde, num_steps=steps, stride=stride,
                                                 key=jax.random.key(1)))(z_T)
     x = np.asarray(sde.to_data(z0))
     assert np.max(np.abs(x.mean(0) - np.asarray(mu))) < 5 * s / np.sqrt(n)
@@ -226,12 +228,14 @@ def test_classifier_guidance_is_the_conditional_score():
         z = jax.random.normal(jax.random.key(3), (4, 2, 2, 2))
         t = jnp.asarray([0.01, 0.2, 0.5, 0.9])
         y = jnp.asarray([0, 1, 1, 0])
-        want = jnp.stack([sde.eps_from_score(scores[int(k)](z, t), t)[i] for i, k in enumerate(y)])
-        np.testing.assert_allclose(guided(z, t, y), want, rtol=1e-9, atol=1e-10)
+        # One program per function (eagerly, each of the many small float64 ops would compile on its own).
+        want = jit_fast(lambda z, t: jnp.stack([sde.eps_from_score(scores[int(k)](z, t), t)[i]
+                                               for i, k in enumerate(np.asarray(y))]))(z, t)
+        np.testing.assert_allclose(jit_fast(guided)(z, t, y), want, rtol=1e-9, atol=1e-10)
         # A classifier fed reverse time τ = 1 − t (the reference's bug) gives a different answer.
         wrong = S.psld_classifier_guided(uncond_eps, lambda zz, tt, yy: log_prob(zz, 1.0 - tt, yy), 1.0, sde=sde)
-        assert np.max(np.abs(np.asarray(wrong(z, t, y) - want))) > 1e-3
+        assert np.max(np.abs(np.asarray(jit_fast(wrong)(z, t, y) - want))) > 1e-3
         # And the guided ε drives the EM sampler (jit, lax.scan) end to end.
-        z0, _ = S.em_sampler(guided, sde.prior(jax.random.key(4), (4, 2, 2, 1), jnp.float64), y, sde=sde,
-                             num_steps=20, key=jax.random.key(5))
+        z0, _ = jit_fast(lambda zz: S.em_sampler(guided, zz, y, sde=sde, num_steps=20, key=jax.random.key(5)))(
+            sde.prior(jax.random.key(4), (4, 2, 2, 1), jnp.float64))
         assert np.all(np.isfinite(np.asarray(z0)))
