@@ -43,7 +43,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -686,8 +686,6 @@ def load_training_checkpoint(path, dtype=jnp.float32):
     buffers are read; the optimizer state stays on disk.
     """
     import json
-
-    import orbax.checkpoint as ocp
 
     from edm_jax import convert, train
     from edm_jax.interop.rundir import process_from_config

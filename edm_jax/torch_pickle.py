@@ -362,13 +362,16 @@ def load_torch_save(path):
             return _read_legacy_state_dict(f, source)
         except (UnsafePickleError, SnapshotFormatError):
             raise
-        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError,
-                AttributeError, struct.error, zipfile.BadZipFile) as e:
+        except _CORRUPT as e:
             raise SnapshotFormatError(f"{path} is not a readable torch.save file "
                                       f"(truncated or corrupt: {type(e).__name__}: {e})") from e
 
 
 # --------------------------------------------------------------------------------------------------
+
+# What a truncated or corrupt pickle or archive raises while being read (reported as SnapshotFormatError).
+_CORRUPT = (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            struct.error, zipfile.BadZipFile)
 
 _ALLOWED = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
@@ -417,8 +420,7 @@ def load_reference_pickle(path) -> dict:
             obj = _SnapshotUnpickler(f, path).load()
         except (UnsafePickleError, SnapshotFormatError):
             raise
-        except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError,
-                AttributeError, struct.error, zipfile.BadZipFile) as e:
+        except _CORRUPT as e:
             raise SnapshotFormatError(f"{path} is not a reference snapshot pickle (truncated or corrupt: "
                                       f"{type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from edm_jax.diffusion.psld import Factor, _apply, _bc
+from edm_jax.diffusion.psld import _apply, _bc
 from edm_jax.diffusion.rng import per_example_keys
 
 __all__ = ["time_grid", "em_sampler", "sscs_sampler", "ode_sampler", "ode_adaptive_sampler",

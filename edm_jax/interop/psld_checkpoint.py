@@ -28,7 +28,6 @@ import zipfile
 from typing import Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
