@@ -111,6 +111,9 @@ def _config_arg() -> str | None:
 def _fail(message: str) -> None:
     """One clear sentence on stderr and exit status 2 (no traceback for user errors). It is the last line:
     the process ends here, so no library's shutdown hook (orbax's event loops) prints after it."""
+    from edm_jax import distributed
+
+    distributed.wait_for_peers_on_error()  # a dead peer is the real cause, said by the watchdog (status 3)
     std_logging.shutdown()
     sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr, flush=True)

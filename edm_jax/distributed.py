@@ -102,8 +102,29 @@ def initialize() -> bool:
             f"{index} ({type(e).__name__}: {_first_line(e)}); check that process 0 runs and is reachable at that "
             f"address, that every process has the same JAX_NUM_PROCESSES and a distinct JAX_PROCESS_ID") from None
     if jax.process_count() > 1:
-        _Watchdog(peer_timeout).start()
+        global _WATCHDOG
+        _WATCHDOG = _Watchdog(peer_timeout)
+        _WATCHDOG.start()
+        previous_hook = sys.excepthook
+
+        def hook(kind, value, tb):  # an uncaught error (a collective that lost its peer) waits for the watchdog
+            wait_for_peers_on_error()
+            previous_hook(kind, value, tb)
+
+        sys.excepthook = hook
     return True
+
+
+_WATCHDOG: Optional["_Watchdog"] = None
+
+
+def wait_for_peers_on_error():
+    """Before a multi-process run reports a fatal error: when a peer dies, the collective waiting for it
+    usually fails first (gloo/NCCL: connection reset), seconds before the watchdog's timeout, and its error
+    says nothing of the dead peer. Give the watchdog one timeout and a beat to name it — it exits the process
+    itself, status 3 — and return if every peer is alive. A no-op on one process."""
+    if _WATCHDOG is not None and not _WATCHDOG.stopped.is_set():
+        time.sleep(_WATCHDOG.timeout * 1.25 + 1)
 
 
 def _wait_for_coordinator(address: str, timeout: float):
