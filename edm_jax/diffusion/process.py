@@ -25,7 +25,6 @@ table `PROCESSES`; a new family is a new frozen dataclass with the same methods,
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import jax
@@ -65,14 +64,6 @@ SIGMA_PRESETS = {
     "iddpm": ("iddpm", None),
     "edm": ("edm", "edm"),
 }
-
-
-def _loss_params(loss_kind: Optional[str]) -> set:
-    if loss_kind is None:
-        return set()
-    sig = inspect.signature(losses.LOSSES[loss_kind])
-    return {n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY} - {"key", "rnd", "noise",
-                                                                               "augment_labels"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +189,7 @@ def sigma_process(kind: str = "edm", *, loss: Optional[str] = None, precond_kwar
     if loss_kind is not None and loss_kind not in losses.LOSSES:
         raise ValueError(f"process.loss={loss_kind!r} is not a loss; choose one of {sorted(losses.LOSSES)}")
     precond_fields = {f.name for f in dataclasses.fields(precond_lib.PRECONDS[precond_kind])}
-    loss_fields = _loss_params(loss_kind)
+    loss_fields = set(losses.DEFAULTS.get(loss_kind, {}))  # the loss's hyperparameters, with their defaults
     unknown = sorted(set(hyperparameters) - precond_fields - loss_fields)
     if unknown:
         raise ValueError(f"the {kind!r} process has no hyperparameter(s) {unknown}; it takes "
