@@ -91,6 +91,9 @@ flags.DEFINE_integer("num_images", None, "N images (a --data set's reference ran
 flags.DEFINE_integer("probes", 1, "Hutchinson probes per image (the divergence estimate's sample count).")
 flags.DEFINE_enum("divergence", "hutchinson", ["hutchinson", "exact"], "Divergence of the ODE's drift: Hutchinson's "
                   "estimate or the exact Jacobian trace (small images only).")
+flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compilation cache (a second run compiles "
+                    "nothing the first compiled); default $EDM_JAX_COMPILATION_CACHE or ~/.cache/edm-jax/xla; "
+                    "'off' turns it off.")
 flags.DEFINE_string("out", None, "JSON summary; default <outdir or workdir>/likelihood.json.")
 
 
@@ -312,6 +315,9 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}; flags look like --mode=train")
     if FLAGS.verbosity < 1:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
+    from edm_jax import compile_cache
+
+    compile_cache.enable(FLAGS.compilation_cache)
     config_arg = _config_arg()
     workdir = FLAGS.workdir or os.path.join("runs", config_name(config_arg))
 

@@ -8,12 +8,21 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json
 import pathlib
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One persistent compilation cache for the whole run, both workers and every `main.py` subprocess: many tests
+# build the same small programs (train steps, samplers) from fresh closures, which JAX's in-memory cache
+# cannot match but the persistent cache, keyed by the program text, can. A test of the cache uses its own.
+os.environ.setdefault("EDM_JAX_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "edm-jax-tests-xla"))
+from edm_jax import compile_cache  # noqa: E402  (after the XLA flags above)
+
+compile_cache.enable()
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get("EDM_JAX_FIXTURES", _REPO.parent / "shared" / "fixtures"))
