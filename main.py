@@ -40,6 +40,8 @@ flags.DEFINE_string("seeds", "0-63", "Seeds to sample, e.g. 0-49999 or 0-9,20.")
 flags.DEFINE_integer("batch", 64, "Global batch (all devices of all hosts together).")
 flags.DEFINE_string("outdir", None, "Output folder; default <workdir>/samples.")
 flags.DEFINE_enum("format", "png", ["png", "npz"], "One PNG per seed (subfolders of 1000) or one npz.")
+flags.DEFINE_boolean("overwrite", False, "Delete the samples already in --outdir (images, grid, npz, manifest; "
+                     "nothing else) before sampling, instead of refusing a folder made by another model or settings.")
 flags.DEFINE_boolean("subdirs", True, "PNGs in subfolders of 1000 seeds (000000/000123.png).")
 flags.DEFINE_integer("class", None, "Class label for conditional models; default: random, drawn from the seed.")
 flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w: D = (1 + w) D(x; y) - w D(x; no label), "
@@ -153,7 +155,7 @@ def _sample_fn(workdir):
     sample_fn = generate.make_sample_fn(denoise, image_shape=model.image_shape, label_dim=model.label_dim,
                                         settings=settings, mesh=generate.make_mesh(), class_idx=FLAGS["class"].value,
                                         process=model.process)
-    return sample_fn, settings
+    return sample_fn, settings, model
 
 
 def _sampler_flags() -> dict:
@@ -167,13 +169,22 @@ def _sampler_flags() -> dict:
 
 def _sample(workdir):
     """--mode=sample: images for --seeds from --checkpoint (a reference .pkl) or --workdir, sharded over all
-    devices of all hosts; reruns skip seeds already written."""
-    from edm_jax import generate
+    devices of all hosts; reruns skip seeds already written, when the folder's manifest says the same model
+    and settings made them (edm_jax.manifest)."""
+    from edm_jax import generate, manifest
 
-    sample_fn, settings = _sample_fn(workdir)
+    seeds = generate.parse_seeds(FLAGS.seeds)  # a bad list is refused before the model loads
+    sample_fn, settings, model = _sample_fn(workdir)
     outdir = FLAGS.outdir or os.path.join(workdir or ".", "samples")
+    source = model.config.get("source")
+    step = os.path.basename(os.path.normpath(source)) if isinstance(source, str) else ""
+    manifest.prepare(outdir, manifest.describe(
+        source=FLAGS.checkpoint or workdir, step=int(step) if step.isdigit() else None,
+        fingerprint=manifest.params_fingerprint(model.denoise.params), settings=settings, base_seed=FLAGS.base_seed,
+        class_idx=FLAGS["class"].value, guidance=FLAGS.guidance, classifier=FLAGS.classifier,
+        classifier_scale=FLAGS.classifier_scale, fmt=FLAGS.format, subdirs=FLAGS.subdirs), overwrite=FLAGS.overwrite)
     print(f"sampling seeds {FLAGS.seeds} with {settings} -> {outdir}", flush=True)
-    summary = generate.generate(sample_fn, generate.parse_seeds(FLAGS.seeds), batch=FLAGS.batch, outdir=outdir,
+    summary = generate.generate(sample_fn, seeds, batch=FLAGS.batch, outdir=outdir,
                                 fmt=FLAGS.format, subdirs=FLAGS.subdirs, base_seed=FLAGS.base_seed)
     print(f"wrote {summary.written} images, skipped {summary.skipped} already there, in {summary.seconds:.1f} s "
           f"-> {outdir}", flush=True)
@@ -206,7 +217,7 @@ def _evaluate(workdir):
         score = evaluate.fid_against(*evaluate.stats_of_images(images, inception, FLAGS.batch, mesh=mesh), FLAGS.ref)
         print(f"FID {score:.4f} of {len(images)} images in {FLAGS.images} against {FLAGS.ref}")
         return
-    sample_fn, settings = _sample_fn(workdir)
+    sample_fn, settings, _ = _sample_fn(workdir)
     if FLAGS.protocol == "paper":
         ranges = evaluate.paper_seed_ranges(FLAGS.num)
     else:

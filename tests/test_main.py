@@ -1,5 +1,6 @@
 """The command line: workdir naming, modes not built yet, and one-sentence errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,6 +62,18 @@ def test_sample_from_a_reference_snapshot_and_resume(tmp_path):
     assert "no paper sampler preset for 8x8" in done.stdout  # the fallback is announced, not silent
     again = _run(*args)
     assert again.returncode == 0 and "wrote 0 images, skipped 5 already there" in again.stdout
+    made = json.loads((out / "manifest.json").read_text())
+    assert made["model.source"] == args[1].split("=", 1)[1] and made["sampler"]["num_steps"] == 3
+    # Another key root into the same folder would mix two runs' images: one sentence, nothing sampled.
+    png = (out / "000000" / "000001.png").read_bytes()
+    refused = _run(*args[:2], "--seeds=0-5", "--batch=4", "--steps=3", "--base_seed=5", f"--outdir={out}")
+    error = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(error) == 1 and error[0] == refused.stderr.strip().splitlines()[-1]
+    assert "base_seed: 0 -> 5" in error[0] and "--overwrite" in error[0] and not (out / "000000" / "000005.png").exists()
+    replaced = _run(*args[:2], "--seeds=1", "--batch=4", "--steps=3", "--base_seed=5", f"--outdir={out}", "--overwrite")
+    assert replaced.returncode == 0 and "wrote 1 images, skipped 0" in replaced.stdout, replaced.stderr[-2000:]
+    assert sorted(p.name for p in (out / "000000").iterdir()) == ["000001.png"]
+    assert (out / "000000" / "000001.png").read_bytes() != png  # another key root, another image
 
 
 def test_classifier_free_guidance_flag(tmp_path):
