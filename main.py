@@ -19,6 +19,7 @@ import logging as std_logging
 import os
 import pathlib
 import pickle
+import re
 import sys
 
 from absl import app, flags, logging
@@ -108,6 +109,81 @@ def config_name(config_arg: str | None) -> str:
 def _config_arg() -> str | None:
     """The --config argument as given (path[:arg]); None without one."""
     return FLAGS["config"].config_filename if FLAGS["config"].present else None
+
+
+def _config_field_error(config, dotted: str, config_arg: str) -> str | None:
+    """One sentence for a --config.<dotted> override naming no field of `config` (loaded from `config_arg`),
+    with the closest names (difflib) of the section it points into; None when the field exists."""
+    import difflib
+
+    node, prefix = config, []
+    for name in dotted.split("."):
+        if not hasattr(node, "keys"):
+            return (f"--config.{dotted}: config field {'.'.join(prefix)} is {node!r}, not a section with fields; "
+                    f"set it whole, e.g. --config.{'.'.join(prefix)}=...")
+        if name not in node:
+            where = ".".join(prefix)
+            names = sorted(node.keys())
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+            full = lambda n: f"{where}.{n}" if where else n  # noqa: E731
+            hint = (f"did you mean {' or '.join(full(n) for n in close)}?" if close else
+                    f"the {'section ' + where if where else 'config'} has {', '.join(names)}")
+            return f"config field {full(name)} does not exist in {config_arg}; {hint}"
+        node, prefix = node[name], prefix + [name]
+    return None
+
+
+def _config_arg_from(argv) -> str | None:
+    """The --config=FILE[:arg] of a command line, before the flags are parsed."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _load_config_file(config_arg: str):
+    """`get_config(arg)` of a configs/*.py[:arg] file, as the config flag loads it."""
+    import importlib.util
+
+    path, _, arg = config_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("_edm_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with mistakes in the config as one sentence and exit status 2: a --config.<field>
+    that does not exist names the closest fields, and a config file that refuses its argument (an unknown
+    ':variant') says its own sentence instead of a FATAL message with an embedded traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.IllegalFlagValueError as e:
+        text = str(e)
+        if "Error whilst parsing config file" not in text:
+            raise
+        # The config file's own exception is the embedded traceback's last line ("ValueError: ...").
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        _usage_error(f"{_config_arg_from(argv)}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', last)}")
+    except (AttributeError, KeyError, flags.UnrecognizedFlagError):
+        config_arg = _config_arg_from(argv)
+        overrides = [a.split("=", 1)[0].lstrip("-") for a in argv[1:] if re.match(r"^--(no)?config\.", a)]
+        if config_arg is None or not overrides:
+            raise
+        config = _load_config_file(config_arg)
+        for name in overrides:
+            message = _config_field_error(config, name.split(".", 1)[1], config_arg)
+            if message:
+                _usage_error(message)
+        raise
+
+
+def _usage_error(message: str) -> None:
+    """A mistake on the command line, found before anything started: one sentence, exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _fail(message: str) -> None:
@@ -385,4 +461,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -53,7 +53,7 @@ from edm_jax.distributed import make_mesh
 
 __all__ = [
     "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
-    "plan_batch", "make_mesh", "shard_batch", "compile_train_step", "maybe_initialize_distributed",
+    "plan_batch", "out_of_memory_message", "make_mesh", "shard_batch", "compile_train_step", "maybe_initialize_distributed",
     "build_network", "make_grid_sampler", "save_image_grid", "train_and_evaluate",
 ]
 
@@ -165,7 +165,10 @@ def plan_batch(global_batch: int, num_devices: int, batch_per_device: Optional[i
     Each device sees global_batch / num_devices examples per step, in `rounds` micro-batches of
     `batch_per_device` (default: all at once). Raises ValueError when the numbers do not divide.
     """
-    if global_batch <= 0 or global_batch % num_devices:
+    if global_batch <= 0:
+        raise ValueError(f"train.batch_size={global_batch} must be positive (a multiple of the {num_devices} "
+                         "devices)")
+    if global_batch % num_devices:
         raise ValueError(f"train.batch_size={global_batch} is not divisible by the {num_devices} devices; "
                          f"set it to a multiple of {num_devices}.")
     per_device = global_batch // num_devices
@@ -176,6 +179,21 @@ def plan_batch(global_batch: int, num_devices: int, batch_per_device: Optional[i
                          f"each of the {num_devices} devices gets from train.batch_size={global_batch}; set "
                          f"it to a divisor of {per_device}.")
     return batch_per_device, per_device // batch_per_device
+
+
+def out_of_memory_message(error: BaseException, batch_per_device: Optional[int]) -> Optional[str]:
+    """The one sentence for XLA running out of device memory (RESOURCE_EXHAUSTED) in the train step, or None
+    for any other error. `batch_per_device`: the examples each device holds per round; the advice is half of
+    it (at least 1): gradient accumulation (`plan_batch`) then keeps train.batch_size, and the run its numbers."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text or batch_per_device is None:
+        return None
+    detail = next((line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), "")[:160]
+    if batch_per_device <= 1:
+        return (f"the train step ran out of device memory with 1 example per device ({detail}); use a smaller "
+                "model (model.model_channels) or an accelerator with more memory")
+    return (f"the train step ran out of device memory at {batch_per_device} examples per device ({detail}); "
+            f"lower train.batch_per_device to {max(1, batch_per_device // 2)}")
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh):
@@ -549,6 +567,7 @@ def train_and_evaluate(config, workdir: str):
     if tc.get("compilation_cache_dir"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(tc.compilation_cache_dir))
     ckpt = stream = None
+    step_batch = None  # examples per device and round, once the train step runs (for the out-of-memory advice)
     stop = GracefulStop()
     try:
         with stop, jax.default_matmul_precision(tc.get("matmul_precision") or None):
@@ -675,6 +694,7 @@ def train_and_evaluate(config, workdir: str):
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       xflip=xflip, use_labels=label_dim > 0)
             log.info("training from step %d to %d", start_step, total_steps)
+            step_batch = per_device
             step, pending, last, first = start_step, [], {}, start_step + 1
             tick_start_step, tick_start_time, maintenance = step, time.time(), 0.0
             progress = progress_lib.Progress(start_step, total_steps, float(tc.get("progress_sec", 30.0)))
@@ -728,6 +748,12 @@ def train_and_evaluate(config, workdir: str):
     except (ValueError, OSError, CheckpointError, data_lib.DatasetUnavailableError) as e:
         logs.fatal(f"error: {e}")  # the same sentence main.py prints last, in log.txt too
         raise
+    except jax.errors.JaxRuntimeError as e:
+        message = out_of_memory_message(e, step_batch)
+        if message is None:
+            raise
+        logs.fatal(f"error: {message}")
+        raise ValueError(message) from None
     finally:
         if lock is not None:
             lock.release()

@@ -112,3 +112,34 @@ def test_ksampler_flags_reach_the_sampler(tmp_path):
     error = [l for l in done.stderr.splitlines() if l.startswith("error:")]
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(error) == 1
     assert "sampler 'dpmpp_2m' takes no eta; samplers that do:" in error[0]
+
+
+def _error_line(done):
+    """The `error:` sentence, checked to be the only one, the last line, with no traceback, exit status 2."""
+    lines = done.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and lines[-1] == errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "FATAL" not in done.stderr
+    return errors[0]
+
+
+def test_config_mistakes_are_one_sentence(tmp_path):
+    work = f"--workdir={tmp_path}"
+    typo = _error_line(_run("--config=configs/quickstart.py", "--config.train.batch_szie=3", work))
+    assert typo == ("error: config field train.batch_szie does not exist in configs/quickstart.py; did you mean "
+                    "train.batch_size or train.batch_per_device?")
+    section = _error_line(_run("--config=configs/quickstart.py", "--config.trian.lr=3", work))
+    assert "config field trian does not exist" in section and "did you mean train?" in section
+    variant = _error_line(_run("--config=configs/cifar10_edm.py:bogus", work))
+    assert variant == ("error: configs/cifar10_edm.py:bogus: the config argument takes cond|uncond and/or "
+                       "ddpmpp|ncsnpp|adm (e.g. ':cond,ncsnpp'), got ['bogus']")
+    for name in ("quickstart", "cifar10_psld", "quickstart_classifier"):  # none takes an argument
+        refused = _error_line(_run(f"--config=configs/{name}.py:bogus", work))
+        assert refused.endswith(f"configs/{name}.py takes no argument, got 'bogus'; drop the ':bogus'")
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_convert_from_a_folder_says_what_it_holds(tmp_path):
+    message = _error_line(_run("--mode=convert", f"--checkpoint={tmp_path}", f"--workdir={tmp_path / 'out'}"))
+    assert message == (f"error: reference snapshot {tmp_path} is a folder, not a file; it holds no snapshot file "
+                       "(.pkl, .ckpt, .pt) either")
