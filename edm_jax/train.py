@@ -50,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from edm_jax.diffusion import augment as augment_lib
 from edm_jax import distributed
 from edm_jax.distributed import make_mesh
+from edm_jax import generate as generate_lib
 
 __all__ = [
     "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
@@ -510,23 +511,7 @@ def make_grid_sampler(module, process, *, mesh: Mesh, shape, label_dim: int, num
     return lambda variables: np.asarray(sample(variables, latents, labels, noise_keys))
 
 
-def save_image_grid(images: np.ndarray, path: str, min_tile: int = 64):
-    """Write uint8 NHWC images as a near-square PNG grid, tiles upscaled (nearest) to ≥ min_tile px."""
-    import PIL.Image
-
-    n, h, w, c = images.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    zoom = max(1, int(math.ceil(min_tile / max(h, w))))
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-    grid = grid.repeat(zoom, 0).repeat(zoom, 1)
-    image = PIL.Image.fromarray(grid[..., 0] if c == 1 else grid, "L" if c == 1 else "RGB")
-    tmp = path + ".tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+save_image_grid = generate_lib.save_grid  # the one grid writer: snapshots look like --mode=sample's grid.png
 
 
 def train_and_evaluate(config, workdir: str):
