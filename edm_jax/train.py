@@ -410,6 +410,7 @@ class _Logs:
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.tensorboard_dir = os.path.join(workdir, "tensorboard")  # events files, made on the first record
         self._tensorboard = None
+        self._purge_step = None  # first step a resumed run logs: TensorBoard drops the dead run's points from it on
         self._handlers = []
         if active:
             for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(workdir, "log.txt"))):
@@ -420,7 +421,9 @@ class _Logs:
             log.propagate = False
 
     def truncate_metrics(self, after_step: int):
-        """Drop records past `after_step` (written by a run that died before its next checkpoint)."""
+        """Drop records past `after_step` (written by a run that died before its next checkpoint), in
+        metrics.jsonl here and in TensorBoard's view (the next events file purges them)."""
+        self._purge_step = after_step + 1
         if not self.active or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
@@ -445,7 +448,7 @@ class _Logs:
             if "step" in record and scalars:
                 if self._tensorboard is None:
                     from edm_jax.tensorboard import SummaryWriter
-                    self._tensorboard = SummaryWriter(self.tensorboard_dir)
+                    self._tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=self._purge_step)
                 self._tensorboard.scalars(scalars, int(record["step"]), wall_time=record.get("time"))
 
     def fatal(self, message: str):
