@@ -54,7 +54,7 @@ from edm_jax import generate as generate_lib
 
 __all__ = [
     "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
-    "plan_batch", "out_of_memory_message", "make_mesh", "shard_batch", "compile_train_step", "maybe_initialize_distributed",
+    "plan_batch", "out_of_memory_message", "resume_changes", "make_mesh", "shard_batch", "compile_train_step", "maybe_initialize_distributed",
     "build_network", "make_grid_sampler", "save_image_grid", "train_and_evaluate",
 ]
 
@@ -631,6 +631,10 @@ def train_and_evaluate(config, workdir: str):
                     seed = int(meta["seed"])
                 log.info("resumed from %s/%d: step %d, %.1f kimg", ckpt.directory, meta["step"], meta["step"],
                          meta["nimg"] / 1000)
+                changed = resume_changes(meta.get("config") or {}, json.loads(config.to_json_best_effort()))
+                if changed:
+                    log.warning("resuming step %d with %s; the checkpoint was trained with the old value(s)",
+                                meta["step"], ", ".join(changed))
             # Validated: only now the workdir's config.json may change (a refused rerun leaves it as it was).
             resolved = json.loads(config.to_json_best_effort())
             if logs.active:
@@ -752,6 +756,28 @@ def train_and_evaluate(config, workdir: str):
         logs.close()
 
 
+# Fields a run may change on resume (fine-tuning does) but never silently: another dataset or optimisation.
+RESUME_WATCHED = ("data.", "train.lr", "train.adam_", "train.ema_", "train.loss_scaling")
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    """{'a.b': value} of a nested dict."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_changes(old: Mapping, new: Mapping) -> list[str]:
+    """"data.path 'a.zip' -> 'b.zip'"-style changes of the `RESUME_WATCHED` fields between the checkpoint's
+    resolved config `old` and this run's `new` (plain dicts); none when `old` is empty (older checkpoints)."""
+    if not old:
+        return []
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k.startswith(RESUME_WATCHED) and a.get(k) != b.get(k)]
+
+
 def _config_changes(workdir: str, config) -> str:
     """'; changed: model.model_channels 16 -> 32' against the workdir's config.json (the last validated one)."""
     try:
@@ -760,14 +786,8 @@ def _config_changes(workdir: str, config) -> str:
     except (OSError, ValueError):
         return ""
     new = json.loads(config.to_json_best_effort())
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-    a, b = flat({k: old.get(k, {}) for k in ("model", "process", "precond", "data", "augment")}), \
-        flat({k: new.get(k, {}) for k in ("model", "process", "precond", "data", "augment")})
+    sections = ("model", "process", "precond", "data", "augment")
+    a, b = _flatten({k: old.get(k, {}) for k in sections}), _flatten({k: new.get(k, {}) for k in sections})
     changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return f" This config changed {', '.join(changed[:5])} since they were written." if changed else ""
 
