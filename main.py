@@ -19,6 +19,7 @@ import logging as std_logging
 import os
 import pathlib
 import pickle
+import re
 import sys
 
 from absl import app, flags, logging
@@ -40,6 +41,8 @@ flags.DEFINE_string("seeds", "0-63", "Seeds to sample, e.g. 0-49999 or 0-9,20.")
 flags.DEFINE_integer("batch", 64, "Global batch (all devices of all hosts together).")
 flags.DEFINE_string("outdir", None, "Output folder; default <workdir>/samples.")
 flags.DEFINE_enum("format", "png", ["png", "npz"], "One PNG per seed (subfolders of 1000) or one npz.")
+flags.DEFINE_boolean("overwrite", False, "Delete the samples already in --outdir (images, grid, npz, manifest; "
+                     "nothing else) before sampling, instead of refusing a folder made by another model or settings.")
 flags.DEFINE_boolean("subdirs", True, "PNGs in subfolders of 1000 seeds (000000/000123.png).")
 flags.DEFINE_integer("class", None, "Class label for conditional models; default: random, drawn from the seed.")
 flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w: D = (1 + w) D(x; y) - w D(x; no label), "
@@ -111,6 +114,81 @@ def _config_arg() -> str | None:
     return FLAGS["config"].config_filename if FLAGS["config"].present else None
 
 
+def _config_field_error(config, dotted: str, config_arg: str) -> str | None:
+    """One sentence for a --config.<dotted> override naming no field of `config` (loaded from `config_arg`),
+    with the closest names (difflib) of the section it points into; None when the field exists."""
+    import difflib
+
+    node, prefix = config, []
+    for name in dotted.split("."):
+        if not hasattr(node, "keys"):
+            return (f"--config.{dotted}: config field {'.'.join(prefix)} is {node!r}, not a section with fields; "
+                    f"set it whole, e.g. --config.{'.'.join(prefix)}=...")
+        if name not in node:
+            where = ".".join(prefix)
+            names = sorted(node.keys())
+            close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+            full = lambda n: f"{where}.{n}" if where else n  # noqa: E731
+            hint = (f"did you mean {' or '.join(full(n) for n in close)}?" if close else
+                    f"the {'section ' + where if where else 'config'} has {', '.join(names)}")
+            return f"config field {full(name)} does not exist in {config_arg}; {hint}"
+        node, prefix = node[name], prefix + [name]
+    return None
+
+
+def _config_arg_from(argv) -> str | None:
+    """The --config=FILE[:arg] of a command line, before the flags are parsed."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a[len("--config="):]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _load_config_file(config_arg: str):
+    """`get_config(arg)` of a configs/*.py[:arg] file, as the config flag loads it."""
+    import importlib.util
+
+    path, _, arg = config_arg.partition(":")
+    spec = importlib.util.spec_from_file_location("_edm_jax_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with mistakes in the config as one sentence and exit status 2: a --config.<field>
+    that does not exist names the closest fields, and a config file that refuses its argument (an unknown
+    ':variant') says its own sentence instead of a FATAL message with an embedded traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.IllegalFlagValueError as e:
+        text = str(e)
+        if "Error whilst parsing config file" not in text:
+            raise
+        # The config file's own exception is the embedded traceback's last line ("ValueError: ...").
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        _usage_error(f"{_config_arg_from(argv)}: {re.sub(r'^[A-Za-z_.]*(Error|Exception): ', '', last)}")
+    except (AttributeError, KeyError, flags.UnrecognizedFlagError):
+        config_arg = _config_arg_from(argv)
+        overrides = [a.split("=", 1)[0].lstrip("-") for a in argv[1:] if re.match(r"^--(no)?config\.", a)]
+        if config_arg is None or not overrides:
+            raise
+        config = _load_config_file(config_arg)
+        for name in overrides:
+            message = _config_field_error(config, name.split(".", 1)[1], config_arg)
+            if message:
+                _usage_error(message)
+        raise
+
+
+def _usage_error(message: str) -> None:
+    """A mistake on the command line, found before anything started: one sentence, exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def _fail(message: str) -> None:
     """One clear sentence on stderr and exit status 2 (no traceback for user errors). It is the last line:
     the process ends here, so no library's shutdown hook (orbax's event loops) prints after it."""
@@ -156,7 +234,7 @@ def _sample_fn(workdir):
     sample_fn = generate.make_sample_fn(denoise, image_shape=model.image_shape, label_dim=model.label_dim,
                                         settings=settings, mesh=generate.make_mesh(), class_idx=FLAGS["class"].value,
                                         process=model.process)
-    return sample_fn, settings
+    return sample_fn, settings, model
 
 
 def _sampler_flags() -> dict:
@@ -170,13 +248,22 @@ def _sampler_flags() -> dict:
 
 def _sample(workdir):
     """--mode=sample: images for --seeds from --checkpoint (a reference .pkl) or --workdir, sharded over all
-    devices of all hosts; reruns skip seeds already written."""
-    from edm_jax import generate
+    devices of all hosts; reruns skip seeds already written, when the folder's manifest says the same model
+    and settings made them (edm_jax.manifest)."""
+    from edm_jax import generate, manifest
 
-    sample_fn, settings = _sample_fn(workdir)
+    seeds = generate.parse_seeds(FLAGS.seeds)  # a bad list is refused before the model loads
+    sample_fn, settings, model = _sample_fn(workdir)
     outdir = FLAGS.outdir or os.path.join(workdir or ".", "samples")
+    source = model.config.get("source")
+    step = os.path.basename(os.path.normpath(source)) if isinstance(source, str) else ""
+    manifest.prepare(outdir, manifest.describe(
+        source=FLAGS.checkpoint or workdir, step=int(step) if step.isdigit() else None,
+        fingerprint=manifest.params_fingerprint(model.denoise.params), settings=settings, base_seed=FLAGS.base_seed,
+        class_idx=FLAGS["class"].value, guidance=FLAGS.guidance, classifier=FLAGS.classifier,
+        classifier_scale=FLAGS.classifier_scale, fmt=FLAGS.format, subdirs=FLAGS.subdirs), overwrite=FLAGS.overwrite)
     print(f"sampling seeds {FLAGS.seeds} with {settings} -> {outdir}", flush=True)
-    summary = generate.generate(sample_fn, generate.parse_seeds(FLAGS.seeds), batch=FLAGS.batch, outdir=outdir,
+    summary = generate.generate(sample_fn, seeds, batch=FLAGS.batch, outdir=outdir,
                                 fmt=FLAGS.format, subdirs=FLAGS.subdirs, base_seed=FLAGS.base_seed)
     print(f"wrote {summary.written} images, skipped {summary.skipped} already there, in {summary.seconds:.1f} s "
           f"-> {outdir}", flush=True)
@@ -209,7 +296,7 @@ def _evaluate(workdir):
         score = evaluate.fid_against(*evaluate.stats_of_images(images, inception, FLAGS.batch, mesh=mesh), FLAGS.ref)
         print(f"FID {score:.4f} of {len(images)} images in {FLAGS.images} against {FLAGS.ref}")
         return
-    sample_fn, settings = _sample_fn(workdir)
+    sample_fn, settings, _ = _sample_fn(workdir)
     if FLAGS.protocol == "paper":
         ranges = evaluate.paper_seed_ranges(FLAGS.num)
     else:
@@ -380,4 +467,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -30,7 +30,8 @@ NETWORK_IO = dict(img_resolution=32, in_channels=6, out_channels=6)
 
 
 def get_config(arg=None):
-    del arg
+    if arg:
+        raise ValueError(f"configs/cifar10_psld.py takes no argument, got {arg!r}; drop the ':{arg}'")
     c = cifar10_config("uncond")  # the CIFAR-10 data and training schema; the values below differ
     c.model = ml_collections.ConfigDict(MODEL)
     c.network_io = ml_collections.ConfigDict(NETWORK_IO)

@@ -22,7 +22,8 @@ from configs.quickstart import get_config as quickstart_config
 
 
 def get_config(arg=None):
-    del arg
+    if arg:
+        raise ValueError(f"configs/quickstart_classifier.py takes no argument, got {arg!r}; drop the ':{arg}'")
     c = ml_collections.ConfigDict()
     c.data = quickstart_config().data
 

@@ -254,6 +254,9 @@ def train_classifier(config, workdir: str):
             raise ValueError(f"the classifier config has no '{name}' section")
     t_start = time.time()
     tc = config.train
+    if int(tc.total_steps) < 1:  # checked before anything is written: no accuracy table of random weights
+        raise ValueError(f"train.total_steps={tc.total_steps} trains nothing, and the accuracy table of an untrained "
+                         "classifier would mislead; set train.total_steps >= 1")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     chief = jax.process_index() == 0

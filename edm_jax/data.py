@@ -614,6 +614,9 @@ def load_dataset(*, source: str, path: str | None = None, tfds_name: str | None 
         else:
             raise ValueError("data.source is 'auto' but none of data.path, data.tfds_name or data.synthetic is set; "
                              "set one of them.")
+    if path and source in ("tfds", "synthetic"):
+        raise ValueError(f"data.path={path!r} is set but data.source is {source!r}, which does not read it; set "
+                         "data.source='auto' to train on data.path, or leave data.path unset")
     if source in ("zip", "folder"):
         if not path:
             raise ValueError(f"data.source is {source!r} but data.path is not set; point it at a reference-format "

@@ -330,17 +330,22 @@ def _read_png(path):
     return a[..., None] if a.ndim == 2 else a
 
 
-def save_grid(images, path, columns: int = 8):
-    """Tile uint8 images [n, H, W, C] into one PNG, `min(columns, n)` per row, rows filled in order."""
+def save_grid(images, path, min_tile: int = 64):
+    """Tile uint8 images [n, H, W, C] into one near-square PNG (ceil(√n) per row, rows filled in order), each
+    tile upscaled (nearest neighbour, a whole factor) to at least `min_tile` px: 64 CIFAR images make 512 px.
+
+    The one grid writer: training's snapshot grids (`train.save_image_grid`) and `--mode=sample`'s grid.png
+    look alike whatever the resolution."""
     images = np.asarray(images)
     n, h, w, c = images.shape
-    cols = min(columns, n)
+    cols = math.ceil(math.sqrt(n))
     rows = -(-n // cols)
+    zoom = max(1, math.ceil(min_tile / max(h, w)))
     grid = np.zeros((rows * h, cols * w, c), np.uint8)
     for i, image in enumerate(images):
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = image
-    _write_png(path, grid)
+    _write_png(path, grid.repeat(zoom, 0).repeat(zoom, 1))
 
 
 def _part_seeds(outdir) -> dict[int, str]:

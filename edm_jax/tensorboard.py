@@ -10,9 +10,17 @@ first record of a file carries `file_version = "brain.Event:2"`; the others carr
 The protobufs are hand-encoded here, only the fields needed (tensorflow/core/util/event.proto and
 tensorflow/core/framework/summary.proto):
 
-    Event   { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
-    Summary { repeated Value value = 1; }
-    Value   { string tag = 1; float simple_value = 2; }
+    Event      { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5;
+                 SessionLog session_log = 6; }
+    Summary    { repeated Value value = 1; }
+    Value      { string tag = 1; float simple_value = 2; }
+    SessionLog { enum SessionStatus { STATUS_UNSPECIFIED = 0; START = 1; ... } status = 1; }
+
+A resumed run discards what the dead run logged past its last checkpoint with a SessionLog START event at
+the first step it will log again (`purge_step`, as tensorboardX's writer does): TensorBoard's event
+accumulator then drops every earlier-read point at that step or later (event_accumulator.py,
+`_CheckForRestartAndMaybePurge`), so a resumed run shows no duplicate points. `read_scalars` applies the
+same rule.
 
 `read_scalars` reads such files back (checking both CRCs of every record), for tests and for looking at a run
 without TensorBoard installed.
@@ -30,6 +38,7 @@ from typing import Iterator, List, Mapping, Optional, Tuple
 __all__ = ["crc32c", "masked_crc32c", "SummaryWriter", "read_records", "read_scalars"]
 
 _FILE_VERSION = "brain.Event:2"
+_SESSION_START = 1  # SessionLog.START
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,7 +97,7 @@ def _len_delimited(field: int, payload: bytes) -> bytes:
 
 
 def _encode_event(wall_time: float, step: int, *, file_version: Optional[str] = None,
-                  scalars: Optional[Mapping[str, float]] = None) -> bytes:
+                  scalars: Optional[Mapping[str, float]] = None, session_start: bool = False) -> bytes:
     out = _key(1, 1) + struct.pack("<d", wall_time)
     if step:
         out += _key(2, 0) + _varint(int(step))
@@ -99,6 +108,8 @@ def _encode_event(wall_time: float, step: int, *, file_version: Optional[str] = 
             _len_delimited(1, _len_delimited(1, str(tag).encode()) + _key(2, 5) + struct.pack("<f", float(value)))
             for tag, value in scalars.items())
         out += _len_delimited(5, summary)
+    if session_start:
+        out += _len_delimited(6, _key(1, 0) + _varint(_SESSION_START))
     return out
 
 
@@ -147,16 +158,19 @@ class SummaryWriter:
 
     Each `scalar`/`scalars` call writes one record and flushes, so a killed run loses nothing that was logged.
     A new writer on the same logdir (a resumed run) starts a new file beside the old ones; TensorBoard merges
-    all the files of a folder.
+    all the files of a folder. `purge_step`: the first step this writer will log; points of earlier files at
+    that step or later are discarded by readers (a SessionLog START event, see the module docstring).
     """
 
-    def __init__(self, logdir: str, filename_suffix: str = ""):
+    def __init__(self, logdir: str, filename_suffix: str = "", purge_step: Optional[int] = None):
         os.makedirs(logdir, exist_ok=True)
         self.logdir = logdir
         self.path = os.path.join(logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
                                          f"{filename_suffix}")
         self._file = open(self.path, "ab")
         self._write(_encode_event(time.time(), 0, file_version=_FILE_VERSION))
+        if purge_step is not None:
+            self._write(_encode_event(time.time(), int(purge_step), session_start=True))
         self.flush()
 
     def _write(self, payload: bytes):
@@ -225,16 +239,19 @@ def _event_files(path: str) -> List[str]:
 
 
 def read_scalars(path: str) -> List[Tuple[int, str, float]]:
-    """[(step, tag, value)] of the scalar summaries in an events file (or in all of a folder's, by name).
+    """[(step, tag, value)] of the scalar summaries in an events file (or in all of a folder's, by name), as
+    TensorBoard shows them: a SessionLog START event at step s drops the points read so far at steps ≥ s.
 
     Raises ValueError when a record's CRC does not match or a file is cut short.
     """
     out = []
     for file in _event_files(path):
         for payload in read_records(file):
-            step, values = 0, []
+            step, values, start = 0, [], False
             for field, wire_type, value in _fields(payload):
-                if field == 2 and wire_type == 0:
+                if field == 6 and wire_type == 2:
+                    start = any(f == 1 and t == 0 and v == _SESSION_START for f, t, v in _fields(value))
+                elif field == 2 and wire_type == 0:
                     step = value - (1 << 64) if value >= 1 << 63 else value
                 elif field == 5 and wire_type == 2:
                     for vfield, vtype, v in _fields(value):
@@ -248,5 +265,7 @@ def read_scalars(path: str) -> List[Tuple[int, str, float]]:
                                 (simple,) = struct.unpack("<f", x)
                         if tag is not None and simple is not None:
                             values.append((tag, simple))
+            if start:
+                out = [point for point in out if point[0] < step]
             out.extend((step, tag, v) for tag, v in values)
     return out

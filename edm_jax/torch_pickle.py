@@ -343,6 +343,18 @@ def _read_legacy_state_dict(f, source):
 
 
 
+def _require_file(path: str, what: str):
+    """FileNotFoundError for a missing path; for a folder, IsADirectoryError naming the snapshots inside it
+    (a folder given where one file belongs is a common slip, and 'does not exist' would be false)."""
+    if os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith((".pkl", ".ckpt", ".pt", ".pth")))
+        hint = (f"; it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}: pass one of them" if found
+                else "; it holds no snapshot file (.pkl, .ckpt, .pt) either")
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file{hint}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+
+
 def load_torch_save(path):
     """A `torch.save` file (zip archive or legacy stream) -> its object as plain data, without torch.
 
@@ -350,8 +362,7 @@ def load_torch_save(path):
     `UnsafePickleError` before anything from the file runs; unreadable files raise `SnapshotFormatError`.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
+    _require_file(path, "torch.save file")
     source = os.path.basename(path)
     with open(path, "rb") as f:
         try:
@@ -407,8 +418,7 @@ class _SnapshotUnpickler(pickle.Unpickler):
 def load_reference_pickle(path) -> dict:
     """Load a reference snapshot pickle as plain data (see module docstring); never imports torch."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference snapshot {path} does not exist")
+    _require_file(path, "reference snapshot")
     with open(path, "rb") as f:
         head = f.read(4)
         if head[:1] != b"\x80":

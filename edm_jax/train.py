@@ -50,10 +50,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from edm_jax.diffusion import augment as augment_lib
 from edm_jax import distributed
 from edm_jax.distributed import make_mesh
+from edm_jax import generate as generate_lib
 
 __all__ = [
     "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
-    "plan_batch", "make_mesh", "shard_batch", "compile_train_step", "maybe_initialize_distributed",
+    "plan_batch", "out_of_memory_message", "resume_changes", "make_mesh", "shard_batch", "compile_train_step", "maybe_initialize_distributed",
     "build_network", "make_grid_sampler", "save_image_grid", "train_and_evaluate",
 ]
 
@@ -165,7 +166,10 @@ def plan_batch(global_batch: int, num_devices: int, batch_per_device: Optional[i
     Each device sees global_batch / num_devices examples per step, in `rounds` micro-batches of
     `batch_per_device` (default: all at once). Raises ValueError when the numbers do not divide.
     """
-    if global_batch <= 0 or global_batch % num_devices:
+    if global_batch <= 0:
+        raise ValueError(f"train.batch_size={global_batch} must be positive (a multiple of the {num_devices} "
+                         "devices)")
+    if global_batch % num_devices:
         raise ValueError(f"train.batch_size={global_batch} is not divisible by the {num_devices} devices; "
                          f"set it to a multiple of {num_devices}.")
     per_device = global_batch // num_devices
@@ -176,6 +180,21 @@ def plan_batch(global_batch: int, num_devices: int, batch_per_device: Optional[i
                          f"each of the {num_devices} devices gets from train.batch_size={global_batch}; set "
                          f"it to a divisor of {per_device}.")
     return batch_per_device, per_device // batch_per_device
+
+
+def out_of_memory_message(error: BaseException, batch_per_device: Optional[int]) -> Optional[str]:
+    """The one sentence for XLA running out of device memory (RESOURCE_EXHAUSTED) in the train step, or None
+    for any other error. `batch_per_device`: the examples each device holds per round; the advice is half of
+    it (at least 1): gradient accumulation (`plan_batch`) then keeps train.batch_size, and the run its numbers."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text or batch_per_device is None:
+        return None
+    detail = next((line.strip() for line in text.splitlines() if "RESOURCE_EXHAUSTED" in line), "")[:160]
+    if batch_per_device <= 1:
+        return (f"the train step ran out of device memory with 1 example per device ({detail}); use a smaller "
+                "model (model.model_channels) or an accelerator with more memory")
+    return (f"the train step ran out of device memory at {batch_per_device} examples per device ({detail}); "
+            f"lower train.batch_per_device to {max(1, batch_per_device // 2)}")
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh):
@@ -391,6 +410,7 @@ class _Logs:
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.tensorboard_dir = os.path.join(workdir, "tensorboard")  # events files, made on the first record
         self._tensorboard = None
+        self._purge_step = None  # first step a resumed run logs: TensorBoard drops the dead run's points from it on
         self._handlers = []
         if active:
             for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(workdir, "log.txt"))):
@@ -401,7 +421,9 @@ class _Logs:
             log.propagate = False
 
     def truncate_metrics(self, after_step: int):
-        """Drop records past `after_step` (written by a run that died before its next checkpoint)."""
+        """Drop records past `after_step` (written by a run that died before its next checkpoint), in
+        metrics.jsonl here and in TensorBoard's view (the next events file purges them)."""
+        self._purge_step = after_step + 1
         if not self.active or not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
@@ -426,7 +448,7 @@ class _Logs:
             if "step" in record and scalars:
                 if self._tensorboard is None:
                     from edm_jax.tensorboard import SummaryWriter
-                    self._tensorboard = SummaryWriter(self.tensorboard_dir)
+                    self._tensorboard = SummaryWriter(self.tensorboard_dir, purge_step=self._purge_step)
                 self._tensorboard.scalars(scalars, int(record["step"]), wall_time=record.get("time"))
 
     def fatal(self, message: str):
@@ -492,23 +514,7 @@ def make_grid_sampler(module, process, *, mesh: Mesh, shape, label_dim: int, num
     return lambda variables: np.asarray(sample(variables, latents, labels, noise_keys))
 
 
-def save_image_grid(images: np.ndarray, path: str, min_tile: int = 64):
-    """Write uint8 NHWC images as a near-square PNG grid, tiles upscaled (nearest) to ≥ min_tile px."""
-    import PIL.Image
-
-    n, h, w, c = images.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    zoom = max(1, int(math.ceil(min_tile / max(h, w))))
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-    grid = grid.repeat(zoom, 0).repeat(zoom, 1)
-    image = PIL.Image.fromarray(grid[..., 0] if c == 1 else grid, "L" if c == 1 else "RGB")
-    tmp = path + ".tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+save_image_grid = generate_lib.save_grid  # the one grid writer: snapshots look like --mode=sample's grid.png
 
 
 def train_and_evaluate(config, workdir: str):
@@ -549,6 +555,7 @@ def train_and_evaluate(config, workdir: str):
     if tc.get("compilation_cache_dir"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(tc.compilation_cache_dir))
     ckpt = stream = None
+    step_batch = None  # examples per device and round, once the train step runs (for the out-of-memory advice)
     stop = GracefulStop()
     try:
         with stop, jax.default_matmul_precision(tc.get("matmul_precision") or None):
@@ -624,6 +631,10 @@ def train_and_evaluate(config, workdir: str):
                     seed = int(meta["seed"])
                 log.info("resumed from %s/%d: step %d, %.1f kimg", ckpt.directory, meta["step"], meta["step"],
                          meta["nimg"] / 1000)
+                changed = resume_changes(meta.get("config") or {}, json.loads(config.to_json_best_effort()))
+                if changed:
+                    log.warning("resuming step %d with %s; the checkpoint was trained with the old value(s)",
+                                meta["step"], ", ".join(changed))
             # Validated: only now the workdir's config.json may change (a refused rerun leaves it as it was).
             resolved = json.loads(config.to_json_best_effort())
             if logs.active:
@@ -675,6 +686,7 @@ def train_and_evaluate(config, workdir: str):
                                       process_index=jax.process_index(), process_count=jax.process_count(),
                                       xflip=xflip, use_labels=label_dim > 0)
             log.info("training from step %d to %d", start_step, total_steps)
+            step_batch = per_device
             step, pending, last, first = start_step, [], {}, start_step + 1
             tick_start_step, tick_start_time, maintenance = step, time.time(), 0.0
             progress = progress_lib.Progress(start_step, total_steps, float(tc.get("progress_sec", 30.0)))
@@ -728,6 +740,12 @@ def train_and_evaluate(config, workdir: str):
     except (ValueError, OSError, CheckpointError, data_lib.DatasetUnavailableError) as e:
         logs.fatal(f"error: {e}")  # the same sentence main.py prints last, in log.txt too
         raise
+    except jax.errors.JaxRuntimeError as e:
+        message = out_of_memory_message(e, step_batch)
+        if message is None:
+            raise
+        logs.fatal(f"error: {message}")
+        raise ValueError(message) from None
     finally:
         if lock is not None:
             lock.release()
@@ -738,6 +756,28 @@ def train_and_evaluate(config, workdir: str):
         logs.close()
 
 
+# Fields a run may change on resume (fine-tuning does) but never silently: another dataset or optimisation.
+RESUME_WATCHED = ("data.", "train.lr", "train.adam_", "train.ema_", "train.loss_scaling")
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    """{'a.b': value} of a nested dict."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_changes(old: Mapping, new: Mapping) -> list[str]:
+    """"data.path 'a.zip' -> 'b.zip'"-style changes of the `RESUME_WATCHED` fields between the checkpoint's
+    resolved config `old` and this run's `new` (plain dicts); none when `old` is empty (older checkpoints)."""
+    if not old:
+        return []
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k.startswith(RESUME_WATCHED) and a.get(k) != b.get(k)]
+
+
 def _config_changes(workdir: str, config) -> str:
     """'; changed: model.model_channels 16 -> 32' against the workdir's config.json (the last validated one)."""
     try:
@@ -746,14 +786,8 @@ def _config_changes(workdir: str, config) -> str:
     except (OSError, ValueError):
         return ""
     new = json.loads(config.to_json_best_effort())
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-    a, b = flat({k: old.get(k, {}) for k in ("model", "process", "precond", "data", "augment")}), \
-        flat({k: new.get(k, {}) for k in ("model", "process", "precond", "data", "augment")})
+    sections = ("model", "process", "precond", "data", "augment")
+    a, b = _flatten({k: old.get(k, {}) for k in sections}), _flatten({k: new.get(k, {}) for k in sections})
     changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return f" This config changed {', '.join(changed[:5])} since they were written." if changed else ""
 

@@ -65,3 +65,7 @@ def nchw_to_nhwc(x):
 
 def nhwc_to_nchw(x):
     return np.transpose(np.asarray(x), (0, 3, 1, 2))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "packaging: builds and installs the package offline (tests/test_packaging.py)")

@@ -81,6 +81,16 @@ def test_train_classifier_end_to_end_resume_and_reload(tmp_path, capsys):
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [2, 3]
 
 
+@pytest.mark.parametrize("steps", [0, -5])
+def test_zero_steps_writes_no_accuracy_table(tmp_path, steps):
+    config = tiny_config()
+    config.train.total_steps = steps
+    with pytest.raises(ValueError, match=rf"^train.total_steps={steps} trains nothing, and the accuracy table of "
+                                         "an untrained classifier would mislead; set train.total_steps >= 1$"):
+        classifier_train.train_classifier(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_unlabelled_data_is_an_error(tmp_path):
     config = tiny_config()
     config.data.synthetic.num_classes = 1  # labels all 0: label_dim 1 works; drop labels instead

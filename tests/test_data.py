@@ -152,6 +152,10 @@ def test_load_dataset_dispatch(tmp_path):
         data.load_dataset(source="lmdb")
     with pytest.raises(ValueError, match="data.path is not set"):
         data.load_dataset(source="zip")
+    for source in ("synthetic", "tfds"):  # a path these sources would silently ignore
+        with pytest.raises(ValueError, match=rf"data.path='x.zip' is set but data.source is '{source}', which does "
+                                             "not read it; set data.source='auto'"):
+            data.load_dataset(source=source, path="x.zip", tfds_name="cifar10", synthetic={"n": 4})
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -285,11 +285,12 @@ def test_npz_output_matches_the_pngs_and_resumes(fns, reference_det, tmp_path):
 def test_grid_png(fns, tmp_path):
     summary = run(fns["det8"], tmp_path, batch=8, seeds="0-69")
     grid = decode(summary.grid)
-    assert grid.shape == (8 * 4, 8 * 4, 3)  # the first 64 images, 8 × 8
+    assert grid.shape == (512, 512, 3)  # the first 64 images, 8 × 8, 4 px tiles zoomed 16x (as training's grids)
     tiles = [decode(tmp_path / f"000000/{s:06d}.png") for s in range(64)]
-    np.testing.assert_array_equal(grid, np.concatenate([np.concatenate(tiles[r * 8:r * 8 + 8], 1) for r in range(8)]))
-    small = run(fns["det8"], tmp_path / "small", batch=8)  # 14 images: 8 per row, 2 rows
-    assert decode(small.grid).shape == (2 * 4, 8 * 4, 3)
+    np.testing.assert_array_equal(grid[::16, ::16],
+                                  np.concatenate([np.concatenate(tiles[r * 8:r * 8 + 8], 1) for r in range(8)]))
+    small = run(fns["det8"], tmp_path / "small", batch=8)  # 14 images: near-square, 4 per row, 4 rows
+    assert decode(small.grid).shape == (4 * 64, 4 * 64, 3)
     os.remove(summary.grid)
     resumed = run(fns["det8"], tmp_path, batch=8, seeds="0-69")  # nothing to compute: grid from the files
     assert resumed.batches_computed == 0

@@ -1,5 +1,6 @@
 """The command line: workdir naming, modes not built yet, and one-sentence errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,6 +62,18 @@ def test_sample_from_a_reference_snapshot_and_resume(tmp_path):
     assert "no paper sampler preset for 8x8" in done.stdout  # the fallback is announced, not silent
     again = _run(*args)
     assert again.returncode == 0 and "wrote 0 images, skipped 5 already there" in again.stdout
+    made = json.loads((out / "manifest.json").read_text())
+    assert made["model.source"] == args[1].split("=", 1)[1] and made["sampler"]["num_steps"] == 3
+    # Another key root into the same folder would mix two runs' images: one sentence, nothing sampled.
+    png = (out / "000000" / "000001.png").read_bytes()
+    refused = _run(*args[:2], "--seeds=0-5", "--batch=4", "--steps=3", "--base_seed=5", f"--outdir={out}")
+    error = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(error) == 1 and error[0] == refused.stderr.strip().splitlines()[-1]
+    assert "base_seed: 0 -> 5" in error[0] and "--overwrite" in error[0] and not (out / "000000" / "000005.png").exists()
+    replaced = _run(*args[:2], "--seeds=1", "--batch=4", "--steps=3", "--base_seed=5", f"--outdir={out}", "--overwrite")
+    assert replaced.returncode == 0 and "wrote 1 images, skipped 0" in replaced.stdout, replaced.stderr[-2000:]
+    assert sorted(p.name for p in (out / "000000").iterdir()) == ["000001.png"]
+    assert (out / "000000" / "000001.png").read_bytes() != png  # another key root, another image
 
 
 def test_classifier_free_guidance_flag(tmp_path):
@@ -99,3 +112,34 @@ def test_ksampler_flags_reach_the_sampler(tmp_path):
     error = [l for l in done.stderr.splitlines() if l.startswith("error:")]
     assert done.returncode == 2 and "Traceback" not in done.stderr and len(error) == 1
     assert "sampler 'dpmpp_2m' takes no eta; samplers that do:" in error[0]
+
+
+def _error_line(done):
+    """The `error:` sentence, checked to be the only one, the last line, with no traceback, exit status 2."""
+    lines = done.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and lines[-1] == errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "FATAL" not in done.stderr
+    return errors[0]
+
+
+def test_config_mistakes_are_one_sentence(tmp_path):
+    work = f"--workdir={tmp_path}"
+    typo = _error_line(_run("--config=configs/quickstart.py", "--config.train.batch_szie=3", work))
+    assert typo == ("error: config field train.batch_szie does not exist in configs/quickstart.py; did you mean "
+                    "train.batch_size or train.batch_per_device?")
+    section = _error_line(_run("--config=configs/quickstart.py", "--config.trian.lr=3", work))
+    assert "config field trian does not exist" in section and "did you mean train?" in section
+    variant = _error_line(_run("--config=configs/cifar10_edm.py:bogus", work))
+    assert variant == ("error: configs/cifar10_edm.py:bogus: the config argument takes cond|uncond and/or "
+                       "ddpmpp|ncsnpp|adm (e.g. ':cond,ncsnpp'), got ['bogus']")
+    for name in ("quickstart", "cifar10_psld", "quickstart_classifier"):  # none takes an argument
+        refused = _error_line(_run(f"--config=configs/{name}.py:bogus", work))
+        assert refused.endswith(f"configs/{name}.py takes no argument, got 'bogus'; drop the ':bogus'")
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_convert_from_a_folder_says_what_it_holds(tmp_path):
+    message = _error_line(_run("--mode=convert", f"--checkpoint={tmp_path}", f"--workdir={tmp_path / 'out'}"))
+    assert message == (f"error: reference snapshot {tmp_path} is a folder, not a file; it holds no snapshot file "
+                       "(.pkl, .ckpt, .pt) either")

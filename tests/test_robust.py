@@ -114,6 +114,22 @@ def test_refused_rerun_keeps_config_and_names_the_change(sigterm_run, tmp_path):
     assert last in (work / "log.txt").read_text()  # the fatal sentence is in log.txt as well
 
 
+def test_resume_with_another_dataset_or_lr_warns_naming_both_values(sigterm_run, tmp_path):
+    import shutil
+
+    work = tmp_path / "copy"
+    shutil.copytree(sigterm_run[0], work)
+    done = subprocess.run([sys.executable, "main.py", "--mode=train", f"--workdir={work}", *TINY,
+                           "--config.train.lr=0.001", "--config.data.synthetic.seed=3",
+                           "--config.train.total_kimg=0.016"],  # 1 step: resume, warn, nothing left to do
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warning = [l for l in (work / "log.txt").read_text().splitlines() if "WARNING resuming step" in l]
+    assert len(warning) == 1, (work / "log.txt").read_text()[-3000:]
+    assert "data.synthetic.seed 0 -> 3, train.lr 0.002 -> 0.001;" in warning[0]
+    assert "train.total_kimg" not in warning[0]  # extending or shortening a run is not a change of recipe
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     from edm_jax.interop.runlock import WorkdirLock
 

@@ -1,6 +1,7 @@
 """edm_jax.tensorboard: the TFRecord/Event encoding, the reader, and the wiring into train._Logs."""
 
 import glob
+import json
 import os
 import struct
 
@@ -111,9 +112,11 @@ def _protobuf_event_class():
     opt, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
     message("Value", [("tag", 1, F.TYPE_STRING, opt, None), ("simple_value", 2, F.TYPE_FLOAT, opt, None)])
     message("Summary", [("value", 1, F.TYPE_MESSAGE, rep, ".edm_jax_test.Value")])
+    message("SessionLog", [("status", 1, F.TYPE_INT32, opt, None)])  # an enum on the wire: START = 1
     message("Event", [("wall_time", 1, F.TYPE_DOUBLE, opt, None), ("step", 2, F.TYPE_INT64, opt, None),
                       ("file_version", 3, F.TYPE_STRING, opt, None),
-                      ("summary", 5, F.TYPE_MESSAGE, opt, ".edm_jax_test.Summary")])
+                      ("summary", 5, F.TYPE_MESSAGE, opt, ".edm_jax_test.Summary"),
+                      ("session_log", 6, F.TYPE_MESSAGE, opt, ".edm_jax_test.SessionLog")])
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("edm_jax_test.Event"))
@@ -169,3 +172,37 @@ def test_train_logs_inactive_writes_nothing(tmp_path):
     logs.metrics({"step": 1, "loss": 1.0})
     logs.close()
     assert not os.path.exists(os.path.join(str(tmp_path), "tensorboard"))
+
+
+def test_purge_step_is_a_session_start_event(tmp_path):
+    """tensorboardX's purge_step: a SessionLog START event at that step, right after the file version."""
+    Event = _protobuf_event_class()
+    with tb.SummaryWriter(str(tmp_path), purge_step=41) as writer:
+        writer.scalars({"loss": 0.5}, step=41)
+    events = [Event.FromString(r) for r in tb.read_records(_only_events_file(str(tmp_path)))]
+    assert events[0].file_version == "brain.Event:2" and not events[0].HasField("session_log")
+    assert (events[1].step, events[1].session_log.status, events[1].HasField("summary")) == (41, 1, False)
+    assert events[2].step == 41 and not events[2].HasField("session_log")
+
+
+def test_resumed_train_logs_show_no_duplicate_steps(tmp_path):
+    """A run logs steps 10-50 and dies; the resumed one restores step 30 and logs 40-60 again. Readers see
+    each step once, with the resumed run's value (metrics.jsonl likewise)."""
+    from edm_jax.train import _Logs
+
+    def run(steps, loss, restored=None):
+        logs = _Logs(str(tmp_path), active=True)
+        try:
+            if restored is not None:
+                logs.truncate_metrics(restored)
+            for step in steps:
+                logs.metrics({"step": step, "loss": loss})
+        finally:
+            logs.close()
+
+    run(range(10, 60, 10), loss=1.0)
+    run(range(40, 70, 10), loss=2.0, restored=30)
+    got = [(step, value) for step, tag, value in tb.read_scalars(os.path.join(str(tmp_path), "tensorboard"))]
+    assert got == [(10, 1.0), (20, 1.0), (30, 1.0), (40, 2.0), (50, 2.0), (60, 2.0)]
+    with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [10, 20, 30, 40, 50, 60]

@@ -179,6 +179,14 @@ def test_missing_file(tmp_path):
         tp.load_reference_pickle(tmp_path / "nope.pkl")
 
 
+def test_a_folder_is_not_called_missing(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not a file; it holds no snapshot file"):
+        tp.load_reference_pickle(tmp_path)
+    (tmp_path / "network-snapshot-000100.pkl").write_bytes(b"")
+    with pytest.raises(IsADirectoryError, match=r"it holds network-snapshot-000100.pkl: pass one of them$"):
+        tp.load_torch_save(tmp_path)
+
+
 @pytest.mark.parametrize("cut", [0.001, 0.5, 0.999])
 def test_truncated_snapshot(tmp_path, cut):
     data = SNAPSHOT.read_bytes()

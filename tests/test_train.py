@@ -128,6 +128,24 @@ def test_plan_batch():
         train.plan_batch(100, 8)
     with pytest.raises(ValueError, match=r"batch_per_device=24 does not divide the 64 examples"):
         train.plan_batch(512, 8, 24)
+    for bad in (0, -32):  # not a divisibility problem: say what is wrong
+        with pytest.raises(ValueError, match=rf"^train.batch_size={bad} must be positive \(a multiple of the 8"):
+            train.plan_batch(bad, 8)
+
+
+def test_out_of_memory_is_one_sentence_with_the_batch_to_use():
+    """A real XLA allocation failure (2^46 bytes, refused at once on CPU) becomes the advice to halve the
+    per-device batch; other runtime errors pass through. (The train loop raises it as a ValueError, which
+    main.py prints as its last line; a real out-of-memory train step is too expensive for a unit test.)"""
+    with pytest.raises(jax.errors.JaxRuntimeError) as err:
+        jax.jit(lambda x: jnp.broadcast_to(x, (1 << 46,)) + 1)(jnp.uint8(1)).block_until_ready()
+    message = train.out_of_memory_message(err.value, 64)
+    assert message.startswith("the train step ran out of device memory at 64 examples per device (RESOURCE_EXHAUSTED")
+    assert message.endswith("; lower train.batch_per_device to 32") and "\n" not in message
+    assert train.out_of_memory_message(err.value, 3).endswith("lower train.batch_per_device to 1")
+    assert "1 example per device" in train.out_of_memory_message(err.value, 1)
+    assert train.out_of_memory_message(err.value, None) is None  # not in the train step: not this advice
+    assert train.out_of_memory_message(RuntimeError("INTERNAL: something else"), 64) is None
 
 
 # --- the step -----------------------------------------------------------------------------------------
