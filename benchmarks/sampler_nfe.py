@@ -87,7 +87,9 @@ def main():
             x, nfe = run_one(name, budget, mixture, latents, jax.random.key(2))
             flat = np.asarray(x, np.float64).reshape(args.n, -1)
             per_image = np.sqrt(np.mean((flat - np.asarray(reference, np.float64).reshape(args.n, -1)) ** 2, axis=1))
-            rms, med = (float(np.sqrt(np.mean(per_image**2))), float(np.median(per_image))) if name in ODE else (None,) * 2
+            rms, med = (None, None)
+            if name in ODE:
+                rms, med = float(np.sqrt(np.mean(per_image**2))), float(np.median(per_image))
             rows.append(dict(sampler=name, nfe=nfe, rms=rms, rms_median=med, w2=w2_gaussian(flat, mean, cov),
                              **({"rtol": budget} if name == "dpm_adaptive" else {})))
             print(json.dumps(rows[-1]), file=sys.stderr)

@@ -208,7 +208,9 @@ def psld_ode_log_likelihood(eps_fn, x, class_labels=None, *, sde, t_min=None, ke
       key: one key or N keys (image i: fold_in(k_i, MOMENTUM_STREAM) draws m, fold_in(k_i, PROBE_STREAM)
         its probes); needed for phase space or 'hutchinson'.
       divergence, probe, num_probes, solver, rtol, atol: as `sigma_ode_log_likelihood`; solver='heun' runs
-        on num_steps times t_min + (T − t_min)·u², u uniform on [0, 1] (dense near the data).
+        on num_steps times t_min + (T − t_min)·u², u uniform on [0, 1] (dense near the data). Hutchinson
+        probes only −½G²s_θ; the linear drift f = F(t) z enters by its exact trace (its skew x–m coupling
+        would add variance: 3.4 instead of 0.25 nats standard error at K = 48 on tests' Gaussian case).
     Returns:
       dict as `sigma_ode_log_likelihood` with z_T [N, H, W, 2C] (or C) instead of x_sigma_max, plus
       log_q_m [N] (log q(m) subtracted; 0 for the VP-SDE) and m [N, H, W, C] (or None).
