@@ -201,21 +201,29 @@ def _fail(message: str) -> None:
     os._exit(2)
 
 
-def _sample_fn(workdir):
-    """The sharded sample function of the model in --checkpoint or --workdir, with the sampler flags applied."""
-    from edm_jax import generate, guided_models
-    from edm_jax.diffusion.sampler_settings import NoPresetError
+def _load_model(workdir):
+    """The model in --checkpoint or --workdir; a PSLD .ckpt holds no settings, so its network and process
+    come from --config."""
+    from edm_jax import generate
     from edm_jax.interop import psld_checkpoint
     from edm_jax.interop.rundir import process_from_config
 
     if FLAGS.checkpoint is None and workdir is None:
         raise ValueError(f"--mode={FLAGS.mode} needs --checkpoint=PATH.pkl or --workdir=DIR (a training or converted run)")
-    psld = {}  # a PSLD .ckpt holds no settings: the network and the process come from --config
+    psld = {}
     ckpt = FLAGS.checkpoint
     if ckpt and os.path.isfile(ckpt) and psld_checkpoint.is_lightning_checkpoint(ckpt):
         psld = dict(network_kwargs=_psld_network_kwargs(ckpt, _config_arg()),
                     process=process_from_config(FLAGS.config))
-    model = generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint, **psld)
+    return generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint, **psld)
+
+
+def _sample_fn(workdir):
+    """The sharded sample function of the model in --checkpoint or --workdir, with the sampler flags applied."""
+    from edm_jax import generate, guided_models
+    from edm_jax.diffusion.sampler_settings import NoPresetError
+
+    model = _load_model(workdir)
     dataset = (model.config.get("dataset") or {}).get("path") if isinstance(model.config.get("dataset"), dict) else None
     # The paper's settings by resolution; ImageNet-64 has its own stochastic ones (recognised by name).
     hint = dataset if dataset and "imagenet" in str(dataset).lower() else None
@@ -345,15 +353,10 @@ def _likelihood(workdir):
     import json
 
     from edm_jax import evaluate, generate, likelihood_driver as lik
-    from edm_jax.diffusion.process import SigmaProcess
 
     if bool(FLAGS.data) == bool(FLAGS.images):
         raise ValueError("--mode=likelihood needs exactly one of --data=ZIP|FOLDER (a dataset) or --images=DIR")
-    if FLAGS.checkpoint is None and workdir is None:
-        raise ValueError("--mode=likelihood needs --checkpoint=PATH.pkl or --workdir=DIR (a training or converted run)")
-    model = generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint)
-    if not isinstance(model.process, SigmaProcess):
-        raise ValueError(f"--mode=likelihood integrates the σ-family ODE; the {model.process.name!r} process has none")
+    model = _load_model(workdir)
     labels = None
     if FLAGS.data:
         from edm_jax import data
@@ -367,14 +370,15 @@ def _likelihood(workdir):
                          "(a dataset.json), not an unlabelled image folder")
     if tuple(images.shape[1:]) != model.image_shape:
         raise ValueError(f"images are {images.shape[1:]} but the model takes {model.image_shape}")
-    sigma_min, sigma_max = lik.sigma_range_of(model.process, FLAGS.sigma_min, FLAGS.sigma_max)
-    settings = dict(sigma_min=sigma_min, sigma_max=sigma_max, num_probes=FLAGS.probes, divergence=FLAGS.divergence,
+    family = model.process.likelihood_settings(sigma_min=FLAGS.sigma_min, sigma_max=FLAGS.sigma_max)
+    settings = dict(**family, num_probes=FLAGS.probes, divergence=FLAGS.divergence,
                     solver=FLAGS.solver or "rk45", rtol=FLAGS.rtol or 1e-5, atol=FLAGS.atol or 1e-5,
                     num_steps=FLAGS.steps or 64)
     if settings["solver"] not in ("rk45", "heun"):
         raise ValueError(f"--mode=likelihood takes --solver=rk45 or heun, got {settings['solver']}")
     mesh = generate.make_mesh()
-    fn = lik.make_likelihood_fn(model.denoise, mesh=mesh, label_dim=model.label_dim, **settings)
+    fn = lik.make_likelihood_fn(model.denoise, process=model.process, mesh=mesh, label_dim=model.label_dim,
+                                **settings)
     result = lik.likelihood_of_images(fn, images, labels, batch=FLAGS.batch, mesh=mesh, base_seed=FLAGS.base_seed,
                                       progress=True)
     print(f"{result['bits_per_dim']:.4f} ± {result['std_err']:.4f} bits/dim over {result['num_images']} images "
@@ -383,7 +387,8 @@ def _likelihood(workdir):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(lik.summary_json(result, source=FLAGS.data or FLAGS.images, checkpoint=FLAGS.checkpoint,
-                                   workdir=workdir, base_seed=FLAGS.base_seed, **settings), f, indent=1)
+                                   workdir=workdir, process=model.process.name, base_seed=FLAGS.base_seed,
+                                   **settings), f, indent=1)
     print(f"wrote {out}", flush=True)
 
 

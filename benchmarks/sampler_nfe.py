@@ -5,6 +5,8 @@
 The mixture is the one of ../shared/fixtures/kdiff_samplers.npz (K = 4, 8×8×3). Two errors per run:
 * `rms` (ODE samplers): RMS distance to a 1000-step Heun solution of the probability-flow ODE from the
   same latents: how well the sampler solves the ODE. Stochastic samplers have no such target (blank).
+  `rms_median`: the median over images of each image's RMS distance; unlike `rms` it is blind to the few
+  latents near a basin boundary that a coarse solve sends to another mixture component.
 * `w2`: the 2-Wasserstein distance between the Gaussian with the samples' mean/covariance and the one with
   the mixture's exact mean/covariance: how well the sample *distribution* matches. It has a floor from the
   finite sample (`w2_floor`, the same statistic for exact draws of the mixture).
@@ -35,7 +37,7 @@ ODE = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "dpm_fast", "dpm_adaptive"]
 SDE = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"]
 TWO_EVALS = {"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"}
 BUDGETS = [10, 20, 35, 50, 100]
-RTOLS = [0.2, 0.1, 0.05, 0.02, 0.01]
+RTOLS = [0.2, 0.1, 0.05, 0.02, 0.01, 0.003, 0.001, 0.0003]
 
 
 def w2_gaussian(x, mean, cov):
@@ -84,17 +86,21 @@ def main():
         for budget in (RTOLS if name == "dpm_adaptive" else BUDGETS):
             x, nfe = run_one(name, budget, mixture, latents, jax.random.key(2))
             flat = np.asarray(x, np.float64).reshape(args.n, -1)
-            rms = float(np.sqrt(np.mean((flat - np.asarray(reference).reshape(args.n, -1)) ** 2))) if name in ODE else None
-            rows.append(dict(sampler=name, nfe=nfe, rms=rms, w2=w2_gaussian(flat, mean, cov),
+            per_image = np.sqrt(np.mean((flat - np.asarray(reference, np.float64).reshape(args.n, -1)) ** 2, axis=1))
+            rms, med = (None, None)
+            if name in ODE:
+                rms, med = float(np.sqrt(np.mean(per_image**2))), float(np.median(per_image))
+            rows.append(dict(sampler=name, nfe=nfe, rms=rms, rms_median=med, w2=w2_gaussian(flat, mean, cov),
                              **({"rtol": budget} if name == "dpm_adaptive" else {})))
             print(json.dumps(rows[-1]), file=sys.stderr)
     result = dict(n=args.n, w2_floor=floor, rows=rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"| sampler | NFE | RMS to ODE solution | W2 to mixture moments (floor {floor:.3f}) |\n|---|---|---|---|")
+    print(f"| sampler | NFE | RMS to ODE solution | median per-image RMS | W2 to mixture moments (floor {floor:.3f}) |"
+          "\n|---|---|---|---|---|")
     for r in rows:
-        rms = "" if r["rms"] is None else f"{r['rms']:.2e}"
-        print(f"| {r['sampler']} | {r['nfe']:.0f} | {rms} | {r['w2']:.3f} |")
+        rms, med = ("", "") if r["rms"] is None else (f"{r['rms']:.2e}", f"{r['rms_median']:.2e}")
+        print(f"| {r['sampler']} | {r['nfe']:.0f} | {rms} | {med} | {r['w2']:.3f} |")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

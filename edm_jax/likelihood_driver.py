@@ -1,9 +1,10 @@
 """Bits/dim of a model over a set of 8-bit images, sharded over devices (`--mode=likelihood`).
 
 Each image i (its index in the set) gets the key k_i = fold_in(key(base_seed), i); its uniform
-dequantisation noise is drawn from fold_in(k_i, DEQUANT_STREAM) and its Hutchinson probes from
-fold_in(k_i, PROBE_STREAM), and `sigma_ode_log_likelihood` integrates each image on its own, so an image's
-result never depends on the batch or the device count. Dequantisation (`edm_jax.diffusion.likelihood`):
+dequantisation noise is drawn from fold_in(k_i, DEQUANT_STREAM) and the likelihood's own draws (Hutchinson
+probes; PSLD's momentum m) from fold_in(k_i, PROBE_STREAM), and the process's `log_likelihood` integrates
+each image on its own, so an image's result never depends on the batch or the device count; the driver
+never names the family. Dequantisation (`edm_jax.diffusion.likelihood`):
 x = (u + U)/127.5 − 1 with u the uint8 pixel and U ~ Uniform[0, 1) per pixel; bits/dim are of u + U on
 [0, 256)^d.
 """
@@ -11,7 +12,6 @@ x = (u + U)/127.5 − 1 with u the uint8 pixel and U ~ Uniform[0, 1) per pixel; 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from edm_jax.diffusion.likelihood import sigma_ode_log_likelihood
 from edm_jax.generate import BoundDenoiser, _replicate
 
 __all__ = ["DEQUANT_STREAM", "PROBE_STREAM", "dequantize", "make_likelihood_fn", "likelihood_of_images"]
@@ -33,26 +32,27 @@ def dequantize(images, keys):
     return (images.astype(jnp.float32) + u) / 127.5 - 1
 
 
-def make_likelihood_fn(denoise_fn, *, mesh: Mesh, label_dim: int = 0, **likelihood_kwargs):
+def make_likelihood_fn(model_fn, *, process, mesh: Mesh, label_dim: int = 0, **likelihood_kwargs):
     """One jitted function (images uint8 [B, H, W, C], keys [B], labels int32 [B]) -> dict of [B] arrays.
 
-    The batch is sharded along the mesh axis 'data' (B a multiple of its size). `likelihood_kwargs` go to
-    `sigma_ode_log_likelihood` (sigma_min, sigma_max, num_probes, divergence, solver, rtol, atol,
+    model_fn: the process's model (D(x; σ) for the σ family, ε_θ(z, t) for PSLD). The batch is sharded
+    along the mesh axis 'data' (B a multiple of its size). `likelihood_kwargs` go to
+    `process.log_likelihood` (its `likelihood_settings()`, plus num_probes, divergence, solver, rtol, atol,
     num_steps). A `BoundDenoiser`'s params are passed replicated rather than baked in as constants.
     Returns bits_per_dim, log_p, log_p_std_err (over probes), nfe, each [B].
     """
 
     def fn(images, keys, labels, params=None):
-        den = denoise_fn if params is None else (lambda x, s, c: denoise_fn.apply(params, x, s, c))
+        den = model_fn if params is None else (lambda x, s, c: model_fn.apply(params, x, s, c))
         sub = lambda stream: jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)  # noqa: E731
         x = dequantize(images, sub(DEQUANT_STREAM))
         onehot = jax.nn.one_hot(labels, label_dim, dtype=jnp.float32) if label_dim else None
-        out = sigma_ode_log_likelihood(den, x, onehot, key=sub(PROBE_STREAM), data_range=2.0, **likelihood_kwargs)
+        out = process.log_likelihood(den, x, onehot, key=sub(PROBE_STREAM), data_range=2.0, **likelihood_kwargs)
         return {k: out[k] for k in ("bits_per_dim", "log_p", "log_p_std_err", "nfe")}
 
     batch, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    if isinstance(denoise_fn, BoundDenoiser):
-        params = _replicate(denoise_fn.params, mesh)
+    if isinstance(model_fn, BoundDenoiser):
+        params = _replicate(model_fn.params, mesh)
         jitted = jax.jit(fn, in_shardings=(batch, batch, batch, rep), out_shardings=batch)
         return lambda images, keys, labels: jitted(images, keys, labels, params)
     return jax.jit(fn, in_shardings=(batch, batch, batch), out_shardings=batch)
@@ -102,9 +102,3 @@ def summary_json(result: dict, **context) -> dict:
     out = {k: v for k, v in result.items() if k != "per_image"}
     out.update({k: v for k, v in context.items()})
     return out
-
-
-def sigma_range_of(process, sigma_min: Optional[float], sigma_max: Optional[float]) -> tuple[float, float]:
-    """The likelihood's σ range: the Karras grid's defaults [0.002, 80] or the flags, clamped to the network's."""
-    settings = process.sampler_settings(sigma_min=sigma_min, sigma_max=sigma_max)
-    return float(settings.sigma_min), float(settings.sigma_max)

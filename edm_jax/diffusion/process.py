@@ -11,6 +11,8 @@ family it runs. It asks the process:
     x = process.to_data(z)                               # final state -> data in [-1, 1]
     model_fn = process.guide(model_fn, log_prob_fn, s)   # classifier guidance, in the family's own form
     x_in, level = process.noisy(images, key, ...)        # the noisy input a noise-aware classifier sees
+    kw = process.likelihood_settings(**overrides)        # the PF-ODE integral's range (σ or t), resolved
+    out = process.log_likelihood(model_fn, x, labels, key=k, **kw, ...)  # log p(x) per image, bits/dim
 
 `model_fn(state, level, class_labels[, augment_labels])` is the bound model: for the σ family the
 preconditioned denoiser D(x; σ) of Eq. 7 with `level` = σ [N]; for PSLD (edm_jax.diffusion.psld) the noise
@@ -30,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 import jax
 import jax.numpy as jnp
 
-from edm_jax.diffusion import guidance, losses, sampling
+from edm_jax.diffusion import guidance, likelihood, losses, sampling
 from edm_jax.diffusion import precond as precond_lib
 from edm_jax.diffusion import ksamplers
 from edm_jax.diffusion.sampler_settings import SamplerSettings, settings_for
@@ -53,6 +55,8 @@ class Process(Protocol):
     def sampler(self, settings) -> Callable: ...
     def guide(self, model_fn: Callable, log_prob_fn: Callable, scale) -> Callable: ...
     def noisy(self, images, key, **noise) -> tuple: ...
+    def likelihood_settings(self, **overrides) -> dict: ...
+    def log_likelihood(self, model_fn: Callable, x, class_labels=None, *, key=None, **options) -> dict: ...
     def describe(self) -> dict: ...
 
 
@@ -145,6 +149,19 @@ class SigmaProcess:
         """(x₀ + σn, σ [N]) with ln σ ~ N(P_mean, P_std²): what the noise-aware classifier is trained on.
         `key` is one key or N per-example keys; or pass `rnd` [N] and `noise` (images' shape)."""
         return guidance.noisy_images(images, key, rnd=rnd, noise=noise, P_mean=P_mean, P_std=P_std)
+
+    # ---- Likelihood (Song et al. 2021, App. D).
+    def likelihood_settings(self, **overrides) -> dict:
+        """{sigma_min, sigma_max} of the PF-ODE integral: the Karras grid's [0.002, 80] or the overrides
+        (None = keep), clamped to the network's range; another family's setting is refused."""
+        given = likelihood.given_settings(self.name, overrides, ("sigma_min", "sigma_max"))
+        settings = self.sampler_settings(**given)
+        return dict(sigma_min=float(settings.sigma_min), sigma_max=float(settings.sigma_max))
+
+    def log_likelihood(self, model_fn: Callable, x, class_labels=None, *, key=None, **options) -> dict:
+        """log p_{σ_min}(x) per image, nats and bits/dim: `likelihood.sigma_ode_log_likelihood`, whose
+        keywords `options` are (sigma_min, sigma_max, divergence, num_probes, solver, ...)."""
+        return likelihood.sigma_ode_log_likelihood(model_fn, x, class_labels, key=key, **options)
 
     def describe(self) -> dict:
         """The hyperparameters as one flat dict, the form of a config's `process` section."""

@@ -73,6 +73,11 @@ def _apply(f: Factor, z):
     return jnp.concatenate([c11 * x + c12 * m, c21 * x + c22 * m], axis=-1)
 
 
+def _std_normal_log_prob(u):
+    """log N(u; 0, I) summed over all but the leading axis, [N]."""
+    return -0.5 * jnp.sum(u.reshape(u.shape[0], -1) ** 2, axis=-1) - 0.5 * u[0].size * math.log(2 * math.pi)
+
+
 def _exp_mphi3(y, xp):
     """e^{−y} φ3(y), φ3(y) = eʸ − 1 − y − y²/2, for y ≥ 0 without cancellation (Taylor series for y < 2)."""
     ys = xp.minimum(y, 2.0)
@@ -252,6 +257,12 @@ class PhaseSpaceSDE:
         """x, the first C of 2C channels."""
         return _split(z)[0]
 
+    def prior_log_prob(self, z):
+        """log of the prior N(0, I) × N(0, M I) at z [N, H, W, 2C], summed per image [N]."""
+        x, m = _split(z)
+        log_jacobian = -0.5 * m[0].size * math.log(self.M)  # m = √M·u with u standard normal
+        return _std_normal_log_prob(x) + _std_normal_log_prob(m / math.sqrt(self.M)) + log_jacobian
+
     def score_inv_factor(self, t, dtype=None) -> Factor:
         """L_t^{-T} of the HSM covariance: the samplers' score conversion regardless of the training mode."""
         c = self.inv_factor_T(self.cov_hsm(t))
@@ -338,6 +349,10 @@ class VPSDE:
 
     def to_data(self, z):
         return z
+
+    def prior_log_prob(self, z):
+        """log N(z; 0, I) summed per image [N]."""
+        return _std_normal_log_prob(z)
 
     def score_from_eps(self, eps_net, t, z):
         return -eps_net / _bc(self.std(t), z)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from edm_jax.diffusion import psld_samplers
+from edm_jax.diffusion import likelihood, psld_samplers
 from edm_jax.diffusion.psld import PhaseSpaceSDE, VPSDE
 from edm_jax.diffusion.psld_loss import psld_loss, vpsde_loss
 from edm_jax.diffusion.rng import per_example_keys
@@ -168,6 +168,18 @@ class PSLDProcess:
         eps_c = 2 * images.shape[-1] if self.phase_space else images.shape[-1]
         eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (*images.shape[1:-1], eps_c)))(keys)
         return self.sde.perturb(jnp.asarray(images, jnp.float32), t, eps)[0], t
+
+    # ---- Likelihood (Song et al. 2021, App. D).
+    def likelihood_settings(self, **overrides) -> dict:
+        """{t_min}: the PF-ODE integral's data end, default ε_train (the override, None = keep); it runs to T."""
+        given = likelihood.given_settings(self.name, overrides, ("t_min",))
+        return dict(t_min=float(given.get("t_min", self.sde.train_eps)))
+
+    def log_likelihood(self, model_fn: Callable, x, class_labels=None, *, key=None, **options) -> dict:
+        """log p(x) per image, nats and bits/dim: for PSLD / CLD the bound E_m[log p(x, m) − log q(m)]
+        with m ~ q = N(0, κM I), for the VP-SDE log p_{t_min}(x) (`likelihood.psld_ode_log_likelihood`,
+        whose keywords `options` are: t_min, divergence, num_probes, solver, ...)."""
+        return likelihood.psld_ode_log_likelihood(model_fn, x, class_labels, sde=self.sde, key=key, **options)
 
     def describe(self) -> dict:
         return {"kind": self.name, **dataclasses.asdict(self.sde), "hsm": self.hsm, "embedding": self.embedding}
