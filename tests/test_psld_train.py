@@ -129,3 +129,29 @@ def test_cifar10_preset_trains_from_the_zip(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert "data: 'cifar10-jpeg-train', 16 images of 32x32x3" in log
     assert "done: step 1" in log and os.path.isdir(tmp_path / "checkpoints" / "1")
+
+
+@pytest.mark.parametrize("kind", ["psld", "cld", "vpsde"])
+def test_gaussian_data_eps_is_the_linear_regression_of_eps(kind):
+    """The skip ε_G (eps_skip): for Gaussian data it is E[ε | z_t], linear in z, so the residual ε − ε_G(z)
+    is uncorrelated with every channel of z at every t (Monte Carlo, 3·SE) and smaller than ε itself; and
+    the process adds it to the network's output."""
+    from edm_jax.diffusion.psld_process import gaussian_data_eps
+
+    process, s, n = psld_process(kind, eps_skip=0.5), 0.5, 8192
+    sde = process.sde
+    t = jnp.asarray([1e-3, 0.05, 0.3, 1.0]).repeat(n // 4)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    x0 = s * jax.random.normal(k1, (n, 1, 1, 1))
+    width = 2 if kind != "vpsde" else 1
+    eps = jax.random.normal(k2, (n, 1, 1, width))
+    z, _ = sde.perturb(x0, t, eps)
+    g = gaussian_data_eps(sde, z, t, s)
+    resid = np.asarray(eps[..., -g.shape[-1]:] - g, np.float64).reshape(4, n // 4, -1)  # CLD: the m block
+    zz = np.asarray(z, np.float64).reshape(4, n // 4, -1)
+    zz = zz / zz.std(1, keepdims=True)
+    corr = np.einsum("tni,tnj->tij", resid, zz) / (n // 4)
+    assert np.max(np.abs(corr)) < 3 / np.sqrt(n // 4), corr
+    assert np.mean(resid ** 2) < 0.9
+    zero_net = lambda variables, z, label, *a, **k: jnp.zeros((*z.shape[:-1], resid.shape[-1]))  # noqa: E731
+    np.testing.assert_allclose(process.model(zero_net)(None, z, t), g, rtol=1e-6)
