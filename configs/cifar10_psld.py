@@ -9,7 +9,11 @@ The checkpoint holds no hyperparameters: the network comes from `model` and `net
 that does not fit them is refused with the first parameter that differs.
 
 Training recipe (scripts_psld/sota/uncond/cifar10/train_uncond_psld.sh + cifar10_psld.yaml; notes §3): Adam
-lr 2e-4, batch 128 (16 per GPU x 8), dropout 0.15, EMA 0.9999, 2500 epochs (~975k steps).
+lr 2e-4 (betas 0.9/0.999, eps 1e-8) with a linear warm-up over 5000 steps (lr 0 at step 0), gradient-norm
+clipping 1.0, batch 128 (16 per GPU x 8), dropout 0.15, EMA 0.9999 per step, 2500 epochs (~975k steps).
+
+Train (data: TFDS cifar10, or the reference-format zip, e.g. ../shared/data's):
+  python main.py --config=configs/cifar10_psld.py --mode=train --config.data.path=../shared/data/cifar10-jpeg-train.zip
 """
 
 import ml_collections
@@ -28,6 +32,8 @@ MODEL = dict(name="SongUNet", model_channels=128, channel_mult=(2, 2, 2), channe
 # out 2·C, or C for the models that predict one component); conversion has neither, so they are here.
 NETWORK_IO = dict(img_resolution=32, in_channels=6, out_channels=6)
 
+WARMUP_STEPS = 5000  # the reference's LR multiplier min(step / 5000, 1)
+
 
 def get_config(arg=None):
     if arg:
@@ -39,6 +45,13 @@ def get_config(arg=None):
     c.augment.p = 0.0  # PSLD uses no non-leaky augmentation (its random h-flip: with the training section)
     c.train.batch_size = 128
     c.train.lr = 2e-4
+    c.train.lr_rampup_kimg = WARMUP_STEPS * c.train.batch_size / 1000  # lr · min(step / 5000, 1)
+    c.train.ema_decay = 0.9999                         # every step from the first, no ramp-up
+    c.train.grad_clip_norm = 1.0
+    # The trainer's objective is the reference's mean ε-MSE times H·W·C (psld_process's docstring): Adam
+    # does not see that factor, the clipping does, so scale it out to clip the reference's gradient.
+    c.train.loss_scaling = 1.0 / (32 * 32 * 3)
+    c.train.total_kimg = 2500 * 50000 / 1000           # 2500 epochs of the 50k training images
 
     c.data.xflip = True  # the reference's random horizontal flip, as dataset mirroring (same distribution)
 

@@ -11,6 +11,8 @@ Table 7); see `../shared/reference/edm_reference_notes.md` §4. One step, for a 
 
 where nimg is the number of images seen *before* this step, so lr = 0 and β = 0 on the very first step, as
 in the reference. Loss scaling is not undone before Adam, as in the reference (it divides Adam's ε by it).
+PSLD's recipe (psld_reference_notes.md §3) takes two options instead: g clipped to global L2 norm 1 before
+Adam (`make_optimizer(grad_clip_norm=)`) and a constant β = 0.9999 every step (`make_train_step(ema_decay=)`).
 
 Randomness (DESIGN.md): the per-step key is `fold_in(base_key, state.step)` — done inside the step, so
 the caller passes the run's base key unchanged every step, and a resumed run draws exactly what an
@@ -116,10 +118,24 @@ class TrainState:
         return {"params": self.ema if ema else self.params, **self.buffers}
 
 
-def make_optimizer(base_lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+def make_optimizer(base_lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=None):
     """Adam with no weight decay (the reference's `torch.optim.Adam`); the lr is a hyperparameter the
-    train step overwrites every step with the ramp-up schedule (`optax.inject_hyperparams`)."""
-    return optax.inject_hyperparams(optax.adam)(learning_rate=base_lr, b1=b1, b2=b2, eps=eps)
+    train step overwrites every step with the ramp-up schedule (`optax.inject_hyperparams`).
+
+    grad_clip_norm: None (EDM: no clipping) or the global L2 norm the gradient is clipped to before Adam
+    (PSLD: 1.0, Lightning's `gradient_clip_val`, i.e. torch's `clip_grad_norm_` up to its 1e-6 in the
+    denominator). None builds exactly the EDM optimizer and state, so EDM runs and checkpoints are unchanged.
+    """
+    if grad_clip_norm is None:
+        return optax.inject_hyperparams(optax.adam)(learning_rate=base_lr, b1=b1, b2=b2, eps=eps)
+    if not grad_clip_norm > 0:
+        raise ValueError(f"train.grad_clip_norm must be > 0 (or None for no clipping), got {grad_clip_norm}")
+
+    def clipped_adam(learning_rate, b1, b2, eps, max_norm):
+        return optax.chain(optax.clip_by_global_norm(max_norm), optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
+
+    return optax.inject_hyperparams(clipped_adam, static_args=("max_norm",))(
+        learning_rate=base_lr, b1=b1, b2=b2, eps=eps, max_norm=float(grad_clip_norm))
 
 
 def _replicated(mesh):
@@ -228,7 +244,8 @@ def _per_example_net(apply_fn):
 
 def make_train_step(*, apply_fn, process, tx: optax.GradientTransformation, global_batch: int, num_rounds: int = 1,
                     base_lr: float = 1e-3, lr_rampup_img: float = 10e6, ema_halflife_img: float = 500e3,
-                    ema_rampup_ratio: Optional[float] = 0.05, loss_scaling: float = 1.0,
+                    ema_rampup_ratio: Optional[float] = 0.05, ema_decay: Optional[float] = None,
+                    loss_scaling: float = 1.0,
                     augment_p: float = 0.0, augment_kwargs: Optional[Mapping] = None,
                     mesh: Optional[Mesh] = None) -> Callable:
     """Build the pure `train_step(state, batch, key) -> (state, metrics)`.
@@ -239,6 +256,8 @@ def make_train_step(*, apply_fn, process, tx: optax.GradientTransformation, glob
     num_rounds: gradient-accumulation rounds R (from `plan_batch`); the batch is split into R micro-batches
       that each keep an equal share on every device, and their gradients are summed in a `lax.scan`.
     base_lr, lr_rampup_img: `learning_rate`. ema_halflife_img, ema_rampup_ratio: `ema_beta`.
+    ema_decay: None (EDM's half-life EMA above) or a constant per-step decay β (PSLD: 0.9999 after every
+      step from the first, no ramp-up; the EMA starts as a copy of the network in both cases).
     loss_scaling: multiplies the summed loss (and thus the gradient); not undone, as in the reference.
     augment_p: augmentation probability (0 = off, the network gets no augment labels); augment_kwargs:
       per-transform multipliers for `sample_augment_params` (xflip, yflip, scale, rotate_frac, aniso,
@@ -257,6 +276,8 @@ def make_train_step(*, apply_fn, process, tx: optax.GradientTransformation, glob
     sample_kwargs = augment_kwargs
     if global_batch % num_rounds:
         raise ValueError(f"global batch {global_batch} is not divisible into {num_rounds} accumulation rounds")
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        raise ValueError(f"train.ema_decay must be in [0, 1) (or None for the half-life EMA), got {ema_decay}")
     model = process.model(_per_example_net(apply_fn))
 
     def split_rounds(x):
@@ -330,7 +351,10 @@ def make_train_step(*, apply_fn, process, tx: optax.GradientTransformation, glob
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        beta = ema_beta(nimg, global_batch, ema_halflife_img, ema_rampup_ratio)
+        if ema_decay is None:
+            beta = ema_beta(nimg, global_batch, ema_halflife_img, ema_rampup_ratio)
+        else:
+            beta = jnp.float32(ema_decay)
         ema = jax.tree.map(lambda e, p: p + beta * (e - p), state.ema, params)
 
         new_state = state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
@@ -593,7 +617,7 @@ def train_and_evaluate(config, workdir: str):
             in_channels, out_channels = process.network_channels(shape[2])
             module = build_network(_as_dict(config.model), resolution=shape[0], channels=in_channels,
                                    label_dim=label_dim, augment_dim=augment_dim, out_channels=out_channels)
-            tx = make_optimizer(tc.lr, tc.adam_b1, tc.adam_b2, tc.adam_eps)
+            tx = make_optimizer(tc.lr, tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.get("grad_clip_norm"))
             log.info("devices: %d x %s in %d process(es); global batch %d = %d per device x %d round(s); %d steps "
                      "(%.1f kimg), %d per tick, snapshot every %d", mesh.size, jax.devices()[0].device_kind,
                      jax.process_count(), global_batch, per_device, rounds, total_steps,
@@ -651,6 +675,7 @@ def train_and_evaluate(config, workdir: str):
                 apply_fn=module.apply, process=process, tx=tx, global_batch=global_batch,
                 num_rounds=rounds, base_lr=tc.lr, lr_rampup_img=tc.lr_rampup_kimg * 1000,
                 ema_halflife_img=tc.ema_halflife_kimg * 1000, ema_rampup_ratio=tc.ema_rampup_ratio,
+                ema_decay=tc.get("ema_decay"),
                 loss_scaling=tc.loss_scaling, augment_p=augment_p, augment_kwargs=augment, mesh=mesh), mesh)
             grid = None
             if int(sc.num_images) > 0:

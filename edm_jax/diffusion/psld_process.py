@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from edm_jax.diffusion import likelihood, psld_samplers
-from edm_jax.diffusion.psld import PhaseSpaceSDE, VPSDE
+from edm_jax.diffusion.psld import PhaseSpaceSDE, VPSDE, _bc, _split
 from edm_jax.diffusion.psld_loss import psld_loss, vpsde_loss
 from edm_jax.diffusion.rng import per_example_keys
 
-__all__ = ["PSLDSamplerSettings", "PSLDProcess", "psld_process", "PSLD_SAMPLERS"]
+__all__ = ["PSLDSamplerSettings", "PSLDProcess", "psld_process", "gaussian_data_eps", "PSLD_SAMPLERS"]
 
 PSLD_SAMPLERS = ("em", "sscs", "ode_euler", "ode_heun", "ode_rk45")
 
@@ -64,12 +64,16 @@ _DATASET_SETTINGS = {32: dict(num_steps=1000), 64: dict(num_steps=250, stride="q
 @dataclasses.dataclass(frozen=True)
 class PSLDProcess:
     """sde: a `PhaseSpaceSDE` (PSLD, CLD) or `VPSDE`. hsm: hybrid score matching (m₀ integrated out, every
-    reported model) or DSM. embedding: the network's noise embedding, 'fourier' (log t) or 'positional' (t)."""
+    reported model) or DSM. embedding: the network's noise embedding, 'fourier' (log t) or 'positional' (t).
+    eps_skip: None (the paper: the network output is ε̂) or a data standard deviation s: ε̂ = ε_G(z, t) +
+    network, ε_G the exact ε for data N(0, s² I) (`gaussian_data_eps`), so the network learns the residual
+    — EDM's c_skip idea in ε form; not in the reference, used by the CPU quickstart only."""
 
     sde: Any
     hsm: bool = True
     embedding: str = "fourier"
     name: str = "psld"
+    eps_skip: Optional[float] = None
 
     def __post_init__(self):
         if self.embedding not in ("fourier", "positional"):
@@ -97,8 +101,9 @@ class PSLDProcess:
         def eps(variables, z, t, class_labels=None, augment_labels=None, **kwargs):
             z = jnp.asarray(z, jnp.float32)
             t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
-            out = net_apply(variables, z, self.noise_label(t), class_labels, augment_labels, **kwargs)
-            return jnp.asarray(out, jnp.float32)
+            out = jnp.asarray(net_apply(variables, z, self.noise_label(t), class_labels, augment_labels, **kwargs),
+                              jnp.float32)
+            return out if self.eps_skip is None else out + gaussian_data_eps(self.sde, z, t, self.eps_skip)
 
         return eps
 
@@ -182,10 +187,28 @@ class PSLDProcess:
         return likelihood.psld_ode_log_likelihood(model_fn, x, class_labels, sde=self.sde, key=key, **options)
 
     def describe(self) -> dict:
-        return {"kind": self.name, **dataclasses.asdict(self.sde), "hsm": self.hsm, "embedding": self.embedding}
+        skip = {} if self.eps_skip is None else {"eps_skip": self.eps_skip}
+        return {"kind": self.name, **dataclasses.asdict(self.sde), "hsm": self.hsm, "embedding": self.embedding, **skip}
 
 
-def psld_process(kind: str = "psld", *, hsm: bool = True, embedding: str = "fourier", **hyperparameters):
+def gaussian_data_eps(sde, z, t, s):
+    """ε of z_t for data x₀ ~ N(0, s² I) under the HSM kernel (notes §9): per pixel, with a_t the x₀ column
+    of the mean map and Σ_t the kernel covariance, the score is −(s² a aᵀ + Σ_t)⁻¹ z and ε = −L_tᵀ·score
+    (the network's channels). VP-SDE: ε = σ z / (s² α² + σ²). z [N, H, W, 2C] (C), t [N]; float32."""
+    if not isinstance(sde, PhaseSpaceSDE):
+        a, sd = _bc(sde.mean_coeff(t), z), _bc(sde.std(t), z)
+        return sd * z / (s * s * a * a + sd * sd)
+    a, cov = sde.mean_matrix(t), sde.cov_hsm(t)
+    ax, am = _bc(a.c11, z), _bc(a.c21, z)
+    pxx, pxm, pmm = s * s * ax * ax + _bc(cov.xx, z), s * s * ax * am + _bc(cov.xm, z), s * s * am * am + _bc(cov.mm, z)
+    det = pxx * pmm - pxm * pxm
+    zx, zm = _split(z)
+    score = jnp.concatenate([-(pmm * zx - pxm * zm) / det, -(pxx * zm - pxm * zx) / det], -1)
+    return sde.eps_from_score(score, t)
+
+
+def psld_process(kind: str = "psld", *, hsm: bool = True, embedding: str = "fourier", eps_skip=None,
+                 **hyperparameters):
     """'psld' / 'cld' (PhaseSpaceSDE; defaults: CIFAR-10 SOTA Γ = 0.01, resp. Γ = 0, ν = 4) or 'vpsde'
     (VPSDE), with the SDE's hyperparameters (beta_min, beta_max, gamma, nu, kappa, ...)."""
     cls = VPSDE if kind == "vpsde" else PhaseSpaceSDE
@@ -194,5 +217,6 @@ def psld_process(kind: str = "psld", *, hsm: bool = True, embedding: str = "four
     unknown = sorted(set(hyperparameters) - fields)
     if unknown:
         raise ValueError(f"the {kind!r} process has no hyperparameter(s) {unknown}; it takes "
-                         f"{sorted(fields | {'hsm', 'embedding'})}")
-    return PSLDProcess(sde=cls(**{**defaults, **hyperparameters}), hsm=bool(hsm), embedding=embedding, name=kind)
+                         f"{sorted(fields | {'hsm', 'embedding', 'eps_skip'})}")
+    return PSLDProcess(sde=cls(**{**defaults, **hyperparameters}), hsm=bool(hsm), embedding=embedding, name=kind,
+                       eps_skip=None if eps_skip is None else float(eps_skip))

@@ -141,21 +141,24 @@ def ode_sampler(eps_fn: Callable, z_T, class_labels=None, *, sde, num_steps: int
 
 def ode_adaptive_sampler(eps_fn: Callable, z_T, class_labels=None, *, sde, rtol=1e-5, atol=1e-5,
                          per_image=True, max_steps=4096):
-    """Probability-flow ODE with Dormand–Prince 5(4) and an I-controller (diffrax `Dopri5` +
-    `PIDController`, RMS error norm, like scipy's RK45), then the ODE denoising step.
+    """Probability-flow ODE with Dormand–Prince 5(4) (diffrax `Dopri5`) under scipy RK45's step-size
+    control (`rk45_control.ScipyRK45Controller`: RMS error norm, safety 0.9, factors in [0.2, 10], scipy's
+    initial step), then the ODE denoising step.
 
     per_image=True (default): each image its own step-size control, so image n does not depend on the
     rest of the batch. per_image=False: the batch is one ODE system, as the reference's RK45 solves it.
-    aux['nfe'] [N] = 6·steps + 3 (Dopri5's FSAL stages, the initial f and the initial-step probe) + 1.
+    aux['nfe'] [N] = 6·attempted steps + 3 (Dopri5's FSAL stages, the initial f twice and the initial-step
+    probe) + 1; the reference counts scipy's 6·steps + 2, + 1.
     """
     import diffrax  # only this sampler needs it
+    from edm_jax.diffusion.rk45_control import ScipyRK45Controller
 
     def solve(z0, labels):
         def vf(tau, z, _):
             return sde.reverse_drift(z, tau, _eps_at(eps_fn, z, tau, sde, labels), ode=True)
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(vf), diffrax.Dopri5(), t0=0.0, t1=sde.T - sde.eval_eps, dt0=None, y0=z0,
-            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
+            stepsize_controller=ScipyRK45Controller(rtol=rtol, atol=atol), max_steps=max_steps,
             saveat=diffrax.SaveAt(t1=True))
         return sol.ys[-1], 6 * sol.stats["num_steps"] + 3
 
