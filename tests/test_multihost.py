@@ -74,13 +74,19 @@ def launch(tmp_path_factory):
             p.wait()
 
 
-def _finish(procs, timeout=300):
-    """[(returncode, output)] of `procs`, all within `timeout` s in total; on any failure all are killed."""
+def _finish(procs, timeout=600):
+    """[(returncode, output)] of `procs`, all within `timeout` s in total (generous: a loaded 2-core machine
+    is slow); on a timeout all are killed and the test fails with their output."""
     deadline, outs = time.time() + timeout, []
     try:
         for p in procs:
             out, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
             outs.append((p.returncode, out))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = [(p.communicate()[0] or "")[-1500:] for p in procs if p.stdout and not p.stdout.closed]
+        pytest.fail(f"processes still running after {timeout} s: " + " | ".join(tails))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -97,7 +103,7 @@ def _wait_until(condition, procs, what, timeout=240):
         if ended or time.time() > deadline:
             for p in procs:
                 p.kill()
-            outs = _finish(procs, timeout=30)
+            outs = _finish(procs, timeout=60)
             pytest.fail(f"{what} did not happen: " + " | ".join(f"status {rc}: {out[-1500:]}" for rc, out in outs))
         time.sleep(0.02)
 
