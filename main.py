@@ -273,8 +273,12 @@ def _sample(workdir):
     print(f"sampling seeds {FLAGS.seeds} with {settings} -> {outdir}", flush=True)
     summary = generate.generate(sample_fn, seeds, batch=FLAGS.batch, outdir=outdir,
                                 fmt=FLAGS.format, subdirs=FLAGS.subdirs, base_seed=FLAGS.base_seed)
-    print(f"wrote {summary.written} images, skipped {summary.skipped} already there, in {summary.seconds:.1f} s "
-          f"-> {outdir}", flush=True)
+    import jax
+
+    # Every process says what it did (its devices computed only their rows of each batch).
+    print(f"process {jax.process_index()} of {jax.process_count()}: computed {summary.rows_computed} rows of "
+          f"{summary.batches_computed} batches, wrote {summary.written} images, skipped {summary.skipped} already "
+          f"there, in {summary.seconds:.1f} s -> {outdir}", flush=True)
 
 
 def _evaluate(workdir):

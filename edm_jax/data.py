@@ -27,7 +27,7 @@ import queue
 import threading
 import zipfile
 import zlib
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import PIL.Image
@@ -41,6 +41,7 @@ __all__ = [
     "load_tfds",
     "load_dataset",
     "batch_indices",
+    "host_indices",
     "batches",
     "Batches",
 ]
@@ -69,6 +70,8 @@ class ImageDataset:
       resolution: H (= W). Derived when None; checked against `images` when given.
       channels: C. Derived when None; checked against `images` when given.
       name: a short name (the zip or folder name without extension, the TFDS name, ...).
+      decoded: bool [N], which images hold pixels (`load_image_dataset(only=...)` decodes a subset and
+        leaves the rest zero); None when all do. `batches` refuses to read an image that was not decoded.
     """
 
     images: np.ndarray
@@ -77,6 +80,7 @@ class ImageDataset:
     resolution: int | None = None
     channels: int | None = None
     name: str = "dataset"
+    decoded: np.ndarray | None = None
 
     def __post_init__(self):
         images = self.images
@@ -87,6 +91,9 @@ class ImageDataset:
         n, h, w, c = images.shape
         if n == 0:
             raise ValueError(f"ImageDataset {self.name!r} holds no images.")
+        if self.decoded is not None and np.shape(self.decoded) != (n,):
+            raise ValueError(f"ImageDataset {self.name!r}: decoded must be a bool mask of shape [{n}], got "
+                             f"{np.shape(self.decoded)}.")
         if h != w:
             raise ValueError(f"ImageDataset {self.name!r}: images are {h}x{w}, but EDM needs square images.")
         for field, actual in (("resolution", h), ("channels", c)):
@@ -310,7 +317,8 @@ def _decode_image(data: bytes, name: str) -> np.ndarray:
 
 
 def load_image_dataset(path: str | os.PathLike, *, max_size: int | None = None, use_labels: bool = True,
-                       num_threads: int | None = None) -> ImageDataset:
+                       num_threads: int | None = None,
+                       only: Callable[[int], np.ndarray] | None = None) -> ImageDataset:
     """Loads a reference-format dataset (zip or folder of images + optional dataset.json) into memory.
 
     The format is what NVlabs/edm's dataset_tool.py writes: images named `00000/img00000000.png` (any PIL
@@ -324,8 +332,14 @@ def load_image_dataset(path: str | os.PathLike, *, max_size: int | None = None, 
     (the 50k-image CIFAR-10 JPEG zip takes about 13-15 s on 2 cores with 1 or 2 threads, ~0.25 ms per
     image). Every image must be square and of one size and channel count.
 
+    `only(N)` -> int [K], indices into the N images kept after `max_size`: decode just these — the ones
+    this host's training batches read (`host_indices`), so that P hosts share the decoding instead of each
+    decoding everything. The others stay zero (pages the OS never backs) and `decoded` marks which hold
+    pixels; labels are read for all.
+
     Returns:
-      ImageDataset with images uint8 [N, H, W, C] (read-only) and labels int64 [N] (read-only) or None.
+      ImageDataset with images uint8 [N, H, W, C] (read-only), labels int64 [N] (read-only) or None, and
+      `decoded` (bool [N]) when `only` is given.
     Raises:
       FileNotFoundError: `path` does not exist.
       ValueError: no images, non-square or mixed-size images, undecodable images, or a dataset.json that
@@ -341,26 +355,32 @@ def load_image_dataset(path: str | os.PathLike, *, max_size: int | None = None, 
         if labels is not None:
             labels = labels[keep]
 
-        first = _decode_image(archive.read(names[0]), names[0])
+        todo = np.arange(len(names)) if only is None else np.unique(np.asarray(only(len(names)), np.int64))
+        if todo.size == 0 or todo[0] < 0 or todo[-1] >= len(names):
+            raise ValueError(f"Dataset {archive.path}: only(N) must return at least one image index, all in "
+                             f"[0, {len(names)}).")
+        first_name = names[todo[0]]
+        first = _decode_image(archive.read(first_name), first_name)
         h, w, c = first.shape
         if h != w:
-            raise ValueError(f"Dataset {archive.path}: image {names[0]} is {w}x{h}, but EDM needs square images; "
+            raise ValueError(f"Dataset {archive.path}: image {first_name} is {w}x{h}, but EDM needs square images; "
                              "crop or resize them (dataset_tool.py --resolution, --transform=center-crop).")
-        images = np.empty((len(names), h, w, c), np.uint8)
-        images[0] = first
+        # zeros, not empty: with `only`, the pages of images never decoded are never touched (never resident).
+        images = (np.empty if only is None else np.zeros)((len(names), h, w, c), np.uint8)
+        images[todo[0]] = first
 
         def decode_range(start: int, stop: int):
-            for i in range(start, stop):
+            for i in todo[start:stop]:
                 image = _decode_image(archive.read(names[i]), names[i])
                 if image.shape != first.shape:
                     raise ValueError(f"Dataset {archive.path}: image {names[i]} is {image.shape[1]}x{image.shape[0]}"
-                                     f" with {image.shape[2]} channel(s) but {names[0]} is {w}x{h} with {c}; all "
+                                     f" with {image.shape[2]} channel(s) but {first_name} is {w}x{h} with {c}; all "
                                      "images must have the same size and channel count.")
                 images[i] = image
 
         threads = max(1, num_threads or min(8, os.cpu_count() or 1))
         chunk = 256
-        ranges = [(s, min(s + chunk, len(names))) for s in range(1, len(names), chunk)]
+        ranges = [(s, min(s + chunk, todo.size)) for s in range(1, todo.size, chunk)]
         if threads == 1 or len(ranges) <= 1:
             for r in ranges:
                 decode_range(*r)
@@ -380,7 +400,12 @@ def load_image_dataset(path: str | os.PathLike, *, max_size: int | None = None, 
     finally:
         archive.close()
     name = os.path.splitext(os.path.basename(os.path.abspath(archive.path)))[0]
-    return ImageDataset(images=_readonly(images), labels=_readonly(labels), label_dim=label_dim, name=name)
+    decoded = None
+    if only is not None:
+        decoded = np.zeros(len(names), bool)
+        decoded[todo] = True
+    return ImageDataset(images=_readonly(images), labels=_readonly(labels), label_dim=label_dim, name=name,
+                        decoded=_readonly(decoded))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -588,7 +613,7 @@ def _read_tfds(tfds: Any, builder: Any, split: str) -> tuple[np.ndarray, np.ndar
 def load_dataset(*, source: str, path: str | None = None, tfds_name: str | None = None,
                  tfds_data_dir: str | None = None, synthetic: Mapping[str, Any] | None = None,
                  max_size: int | None = None, use_labels: bool = True, tfds_split: str = "train",
-                 tfds_download: bool = False) -> ImageDataset:
+                 tfds_download: bool = False, only: Callable[[int], np.ndarray] | None = None) -> ImageDataset:
     """Loads the dataset a config describes.
 
     Args:
@@ -598,6 +623,8 @@ def load_dataset(*, source: str, path: str | None = None, tfds_name: str | None 
         `tfds_name`, else the synthetic set if `synthetic` is given.
       max_size: keep a random subset of at most this many images (the reference's rule, seed 0).
       use_labels: False drops the labels (unconditional training; label_dim 0).
+      only: zip/folder sources decode just the indices `only(N)` returns (`load_image_dataset`); TFDS and
+        the synthetic set are built whole, and ignore it.
     Returns:
       ImageDataset (see `ImageDataset`).
     """
@@ -625,7 +652,7 @@ def load_dataset(*, source: str, path: str | None = None, tfds_name: str | None 
             raise ValueError(f"data.source is {source!r} but data.path {path} is "
                              f"{'a folder' if os.path.isdir(path) else 'not a folder'}; set data.source to "
                              f"{'folder' if os.path.isdir(path) else 'zip'} or 'auto'.")
-        return load_image_dataset(path, max_size=max_size, use_labels=use_labels)
+        return load_image_dataset(path, max_size=max_size, use_labels=use_labels, only=only)
     if source == "tfds":
         if not tfds_name:
             raise ValueError("data.source is 'tfds' but data.tfds_name is not set; set it (e.g. 'cifar10').")
@@ -660,10 +687,14 @@ def batch_indices(num_examples: int, step: int, *, global_batch: int, seed: int,
       (indices int64 [B/P] into the dataset, flips bool [B/P]): a pure function of the arguments.
     """
     local = global_batch // process_count
-    pos = step * global_batch + process_index * local + np.arange(local, dtype=np.int64)
-    epochs, offsets = np.divmod(pos, num_examples)
-    indices = np.empty(local, np.int64)
-    flips = np.empty(local, bool)
+    return _at_positions(num_examples, seed, step * global_batch + process_index * local + np.arange(local))
+
+
+def _at_positions(num_examples: int, seed: int, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset index int64, x-flip coin bool) of each stream position in `pos` (int [K])."""
+    epochs, offsets = np.divmod(np.asarray(pos, np.int64), num_examples)
+    indices = np.empty(epochs.shape, np.int64)
+    flips = np.empty(epochs.shape, bool)
     for epoch in np.unique(epochs):
         order, coins = _epoch_order(num_examples, seed, int(epoch))
         sel = epochs == epoch
@@ -672,12 +703,33 @@ def batch_indices(num_examples: int, step: int, *, global_batch: int, seed: int,
     return indices, flips
 
 
+def host_indices(num_examples: int, stop_step: int, *, global_batch: int, seed: int, start_step: int = 0,
+                 process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """The distinct dataset indices (sorted int64 [K]) host p reads in steps [start_step, stop_step): what
+    it has to decode. Within one epoch the hosts' sets are disjoint and together the epoch's images read;
+    a run of many epochs needs (nearly) all of them on every host. Stops scanning once all are needed."""
+    needed = np.zeros(num_examples, bool)
+    local = global_batch // process_count
+    chunk = max(1, (1 << 20) // max(local, 1))  # steps per scan: about a million positions
+    for first in range(int(start_step), int(stop_step), chunk):
+        steps = np.arange(first, min(first + chunk, int(stop_step)), dtype=np.int64)
+        pos = steps[:, None] * global_batch + process_index * local + np.arange(local, dtype=np.int64)
+        needed[_at_positions(num_examples, seed, pos.ravel())[0]] = True
+        if needed.all():
+            break
+    return np.flatnonzero(needed)
+
+
 def _make_batch(images: np.ndarray, labels: np.ndarray | None, label_dim: int, step: int, *, global_batch: int,
-                seed: int, process_index: int, process_count: int, xflip: bool) -> dict[str, np.ndarray]:
+                seed: int, process_index: int, process_count: int, xflip: bool,
+                decoded: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """This host's batch for `step`: images float32 [B/P, H, W, C] = x/127.5 − 1, labels float32 one-hot
     [B/P, label_dim] (label_dim 0 when `labels` is None)."""
     idx, flips = batch_indices(len(images), step, global_batch=global_batch, seed=seed,
                                process_index=process_index, process_count=process_count)
+    if decoded is not None and not decoded[idx].all():
+        raise ValueError(f"step {step} reads image {int(idx[~decoded[idx]][0])}, which this host did not decode; "
+                         "load the dataset with only=host_indices(...) covering every step it trains")
     pixels = images[idx]  # uint8 gather (a copy); flipping before the float conversion moves 4× less
     if xflip and flips.any():
         pixels[flips] = pixels[flips][:, :, ::-1]
@@ -738,7 +790,7 @@ class Batches:
         self._make = functools.partial(
             _make_batch, dataset.images, labels, dataset.label_dim if labels is not None else 0,
             global_batch=int(global_batch), seed=int(seed), process_index=int(process_index),
-            process_count=int(process_count), xflip=bool(xflip))
+            process_count=int(process_count), xflip=bool(xflip), decoded=dataset.decoded)
         self._step = int(start_step)
         self._queue: queue.Queue = queue.Queue(maxsize=int(prefetch))
         self._stop = threading.Event()

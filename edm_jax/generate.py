@@ -413,7 +413,9 @@ def merge_npz(outdir, seeds) -> Optional[str]:
 @dataclasses.dataclass(frozen=True)
 class GenerateSummary:
     """What one host did: files (or npz rows) written and skipped among the seeds it owns, wall time,
-    batches computed out of all, the global batch used, and where the merged npz / grid went."""
+    batches computed out of all, the global batch used, where the merged npz / grid went, and
+    `rows_computed`: the batch rows this process's own devices computed (padding included), counted from
+    the output's addressable shards — per_host × batches_computed when the work is split as it should be."""
 
     written: int
     skipped: int
@@ -423,6 +425,7 @@ class GenerateSummary:
     global_batch: int
     npz: Optional[str] = None
     grid: Optional[str] = None
+    rows_computed: int = 0
 
 
 def _host_rows(arr, lo, hi):
@@ -440,6 +443,12 @@ def _host_rows(arr, lo, hi):
         raise RuntimeError(f"rows {lo}-{hi} of the batch are not on this host's devices; build the mesh with "
                            "generate.make_mesh() (devices in process order)")
     return out
+
+
+def _local_row_count(arr) -> int:
+    """How many distinct rows of a batch-sharded global array this process's devices hold (computed)."""
+    spans = {shard.index[0].indices(arr.shape[0])[:2] for shard in arr.addressable_shards}
+    return sum(stop - start for start, stop in spans)
 
 
 def _format_seconds(s):
@@ -558,11 +567,12 @@ def generate(sample_fn: SampleFn, seeds, *, batch: int, outdir: str, fmt: str = 
 
     todo = [b for b in range(num_batches) if need[b]]
     prog = _Progress(progress and lead, len(todo), global_batch, n)
-    written = 0
+    written = rows_computed = 0
     subdir_made: set[str] = set()
 
     def finish(b, images, labels):
-        nonlocal written
+        nonlocal written, rows_computed
+        rows_computed += _local_row_count(images)
         if b < grid_batches and lead:
             if real_count > 1:
                 from jax.experimental import multihost_utils
@@ -640,7 +650,8 @@ def generate(sample_fn: SampleFn, seeds, *, batch: int, outdir: str, fmt: str = 
               f"{len(todo)}/{num_batches} batches of {global_batch} computed in {_format_seconds(seconds)}",
               flush=True)
     return GenerateSummary(written=written, skipped=skipped, seconds=seconds, batches_computed=len(todo),
-                           batches_total=num_batches, global_batch=global_batch, npz=npz_path, grid=grid_path)
+                           batches_total=num_batches, global_batch=global_batch, npz=npz_path, grid=grid_path,
+                           rows_computed=rows_computed)
 
 
 def _grid_images(seeds, cache, outdir, fmt, subdirs):
@@ -738,13 +749,22 @@ def load_training_checkpoint(path, dtype=jnp.float32):
     return convert.Snapshot(config=snap_config, params=params, module=module, process=process)
 
 
+def _restore_on_host(path):
+    """A saved tree as host numpy arrays, whatever topology saved it: a checkpoint of N processes restores
+    in M (orbax refuses a plain restore across topologies); make_sample_fn replicates the parameters."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
 def _restore_first_intact(step_dirs):
     """(step_dir, state, meta) of the first of `step_dirs` that restores and whose EMA and buffers match
     their checksums; the damaged ones are skipped with a warning (as training does), never moved."""
     import json
     import logging
-
-    import orbax.checkpoint as ocp
 
     from edm_jax.checkpoint import verify_checksums
 
@@ -753,7 +773,7 @@ def _restore_first_intact(step_dirs):
         try:
             meta_path = os.path.join(step_dir, "meta", "metadata")
             meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
-            state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
+            state = _restore_on_host(os.path.join(step_dir, "state"))
             verify_checksums({"ema": state["ema"], "buffers": state.get("buffers", {})}, meta.get("checksums"),
                              prefixes=("ema/", "buffers/"))
             if errors:

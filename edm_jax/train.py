@@ -35,6 +35,7 @@ The loop (`train_and_evaluate`) is the only part that reads a config; it adds da
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -599,11 +600,19 @@ def train_and_evaluate(config, workdir: str):
             # ---- Data (train.py's dataset_kwargs); label_dim 0 when unconditional.
             data_kwargs = _as_dict(config.data)
             xflip = bool(data_kwargs.pop("xflip", False))
-            dataset = data_lib.load_dataset(**data_kwargs)
+            # Image files: each process decodes only the images its rows of the run's batches read (from step
+            # 0, since the step resumed from is known only after the network is built from the data's shape).
+            seed = int(tc.seed)
+            only = functools.partial(data_lib.host_indices, stop_step=total_steps, global_batch=global_batch,
+                                     seed=seed, process_index=jax.process_index(), process_count=jax.process_count())
+            dataset = data_lib.load_dataset(**data_kwargs, only=only)
             label_dim = dataset.label_dim if config.data.get("use_labels", True) else 0
             shape = (dataset.resolution, dataset.resolution, dataset.channels)
             log.info("data: %r, %d images of %s, label_dim %d", dataset.name, len(dataset), "x".join(map(str, shape)),
                      label_dim)
+            if dataset.decoded is not None:  # every process says it (the log is process 0's)
+                print(f"data: process {jax.process_index()} of {jax.process_count()} decoded "
+                      f"{int(dataset.decoded.sum())} of {len(dataset)} images (those its batches read)", flush=True)
 
             # ---- Process (preconditioning + loss), network, augmentation (train.py's network/loss/augment kwargs).
             augment = _as_dict(config.augment)
@@ -629,7 +638,6 @@ def train_and_evaluate(config, workdir: str):
             net_shape = (*shape[:2], in_channels)  # the network's input: the process's state, not always the image
             init = lambda key, options=None: create_train_state(key, module, net_shape, label_dim, augment_dim, tx,
                                                                 mesh, compiler_options=options)
-            seed = int(tc.seed)
             rep = _replicated(mesh)
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                                     jax.eval_shape(init, jax.random.key(seed)))
@@ -653,6 +661,8 @@ def train_and_evaluate(config, workdir: str):
                     log.warning("train.seed=%d differs from the checkpoint's seed %d; continuing with %d so that "
                                 "the run stays reproducible", seed, meta["seed"], meta["seed"])
                     seed = int(meta["seed"])
+                    if dataset.decoded is not None:  # the stream, hence this host's images, follow the seed
+                        dataset = data_lib.load_dataset(**data_kwargs, only=functools.partial(only, seed=seed))
                 log.info("resumed from %s/%d: step %d, %.1f kimg", ckpt.directory, meta["step"], meta["step"],
                          meta["nimg"] / 1000)
                 changed = resume_changes(meta.get("config") or {}, json.loads(config.to_json_best_effort()))

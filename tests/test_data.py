@@ -282,3 +282,28 @@ def test_batches_close():
         next(it)
     first = _take(data.batches(ds, global_batch=8, seed=0), 1)[0]
     np.testing.assert_array_equal(it.batch(0)["images"], first["images"])  # batch(step) = what next() yields
+
+
+def test_each_host_decodes_only_the_images_its_batches_read(tmp_path):
+    arrays = np.random.default_rng(2).integers(0, 256, (40, 4, 4, 3), dtype=np.uint8)
+    root = tmp_path / "hosts"
+    _write_images(root, arrays)
+    kw = dict(global_batch=8, seed=5)
+    # Steps 0-3 read 32 of the 40 stream positions of epoch 0: the two hosts' sets are disjoint halves.
+    shares = [data.host_indices(40, 4, process_index=p, process_count=2, **kw) for p in range(2)]
+    assert [s.size for s in shares] == [16, 16] and not set(shares[0]) & set(shares[1])
+    np.testing.assert_array_equal(np.sort(np.concatenate(shares)), np.sort(_expected_stream(40, 5, 1)[:32]))
+    # Past an epoch a host needs images of both halves; a long run needs all of them (the scan stops there).
+    assert data.host_indices(40, 100, process_count=2, **kw).size == 40
+    for p, share in enumerate(shares):
+        ds = data.load_image_dataset(root, only=lambda n: data.host_indices(n, 4, process_index=p, process_count=2,
+                                                                             **kw))
+        np.testing.assert_array_equal(np.flatnonzero(ds.decoded), share)
+        np.testing.assert_array_equal(ds.images[share], arrays[share])
+        assert not ds.images[~ds.decoded].any()
+        with data.batches(ds, process_index=p, process_count=2, **kw) as it:  # the host's batches are whole
+            for step in range(4):
+                np.testing.assert_array_equal(next(it)["images"], (arrays[data.batch_indices(
+                    40, step, process_index=p, process_count=2, **kw)[0]] / np.float32(127.5) - 1))
+            with pytest.raises(RuntimeError, match="which this host did not decode"):
+                next(it)  # step 4 reads epoch 0's last 8 positions, 4 of them this host's and not decoded

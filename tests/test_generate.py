@@ -249,6 +249,7 @@ def test_padding_writes_no_extra_files_and_compiles_once(fns, tmp_path):
     body's two and the final Euler step's one)."""
     summary = run(fns["det8"], tmp_path, batch=8, seeds="0-19")  # batches of 8, 8 and 4 + 4 padding rows
     assert summary.batches_computed == 3 and summary.written == 20
+    assert summary.rows_computed == 24  # one process holds all 8 devices: every row, the 4 padding ones too
     assert sorted(pngs(tmp_path)) == [f"000000/{s:06d}.png" for s in range(20)]
     summary = run(fns["det8"], tmp_path / "more", batch=5, seeds="100-130")  # batch 5 -> 8, 4 batches
     assert summary.global_batch == 8 and summary.written == 31 and len(pngs(tmp_path / "more")) == 31
