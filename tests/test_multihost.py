@@ -239,7 +239,7 @@ def test_sampling_over_two_processes_writes_what_one_writes(trained, launch):
     single, n0, n1 = _ok(_finish(launch(_sample_args(trained, one_dir), processes=1, devices=8) +
                                  launch(_sample_args(trained, npz_dir, "--format=npz"))))
     reference = _files(one_dir)
-    assert len(reference) == SEEDS + 1 and _sampled(single, 0, 1) == (SEEDS, SEEDS, 0)  # PNGs and grid.png
+    assert len(reference) == SEEDS + 2 and _sampled(single, 0, 1) == (SEEDS, SEEDS, 0)  # PNGs, grid, manifest
     assert _sampled(n0, 0, 2) == _sampled(n1, 1, 2) == (SEEDS // 2, SEEDS // 2, 0)  # each computed its half
     import PIL.Image
 
@@ -259,7 +259,7 @@ def test_sampling_over_two_processes_writes_what_one_writes(trained, launch):
     finally:
         _finish([p1], timeout=10)
     assert rc == 3 and "error: process 0 stops because process 1 of 2 sent no heartbeat" in out, out[-3000:]
-    before = len(_files(png_dir))  # PNGs only: process 0 writes grid.png after the last batch
+    before = sum(name.startswith("000000/") for name in _files(png_dir))  # the seed PNGs written before the kill
     assert 0 < before < SEEDS, f"{before} images before the rerun: the kill came too late to test a resume"
     r0, r1 = _ok(_finish(launch(_sample_args(trained, png_dir))))
     (_, w0, s0), (_, w1, s1) = _sampled(r0, 0, 2), _sampled(r1, 1, 2)
