@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from edm_jax.networks import DhariwalUNet, SongUNet
+from edm_jax.networks.build import NETWORKS
 
-MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+MODEL_TYPES = NETWORKS  # the one table of network classes
 
 # Keys that appear next to the network kwargs in reference configs/pickles but are not network
 # constructor arguments (class name, precision switch, preconditioner hyperparameters): ignored.

@@ -50,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from edm_jax.diffusion import augment as augment_lib
 from edm_jax import distributed
 from edm_jax.distributed import make_mesh
+from edm_jax.networks.build import build_network  # noqa: F401 (re-exported; moved to networks/)
 
 __all__ = [
     "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
@@ -353,33 +354,6 @@ def _require(config, *names):
             raise ValueError(f"the config has no '{name}' section; start from configs/quickstart.py or "
                              f"configs/cifar10_edm.py, which define data, model, process, augment, train "
                              f"and sample")
-
-
-def build_network(model: Mapping, *, resolution: int, channels: int, label_dim: int, augment_dim: int,
-                  out_channels: int):
-    """The flax network from a config's `model` section: {'name': 'SongUNet' | 'DhariwalUNet', 'dtype':
-    'float32' | 'bfloat16', **constructor keywords}; the data-dependent keywords come from the dataset,
-    as in the reference's train.py."""
-    from edm_jax import networks
-
-    kwargs = dict(model)
-    name = kwargs.pop("name", "SongUNet")
-    dtype = kwargs.pop("dtype", "float32")
-    classes = {"SongUNet": networks.SongUNet, "DhariwalUNet": networks.DhariwalUNet}
-    if name not in classes:
-        raise ValueError(f"model.name={name!r} is not a network; choose one of {sorted(classes)}")
-    fields = {f.name for f in dataclasses.fields(classes[name])} - {"parent", "name"}
-    unknown = sorted(set(kwargs) - fields)
-    if unknown:
-        raise ValueError(f"{name} has no constructor keyword(s) {unknown}; remove them from the config's model "
-                         f"section (valid: {sorted(fields)})")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.dtype={dtype!r} is not a compute dtype; use 'float32' or 'bfloat16'")
-    for key in ("channel_mult", "attn_resolutions", "resample_filter"):
-        if key in kwargs and kwargs[key] is not None:
-            kwargs[key] = tuple(kwargs[key])
-    return classes[name](img_resolution=resolution, in_channels=channels, out_channels=out_channels,
-                         label_dim=label_dim, augment_dim=augment_dim, dtype=jnp.dtype(dtype), **kwargs)
 
 
 class _Logs:
