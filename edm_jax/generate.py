@@ -60,6 +60,7 @@ __all__ = [
     "parse_seeds", "seed_keys", "LATENT_STREAM", "LABEL_STREAM", "NOISE_STREAM", "SamplerSettings",
     "settings_for", "make_mesh", "make_sample_fn", "SampleFn", "BoundDenoiser", "generate",
     "GenerateSummary", "image_path", "merge_npz", "save_grid", "load_model", "LoadedModel", "load_training_checkpoint",
+    "sampler_settings_of",
     "to_uint8", "NPZ_FILE", "GRID_FILE", "PARTS_DIR",
 ]
 
@@ -167,10 +168,11 @@ class SampleFn:
     batch size B, which must be a multiple of `data_size`. Build it with `make_sample_fn`.
     """
 
-    def __init__(self, jitted, mesh, params, image_shape, label_dim, settings, class_idx):
+    def __init__(self, jitted, mesh, params, image_shape, label_dim, settings, class_idx, bound=None):
         self.jitted = jitted
         self.mesh = mesh
         self.params = params
+        self.bound = params is not None if bound is None else bound  # the jitted function takes params
         self.image_shape = tuple(image_shape)
         self.label_dim = label_dim
         self.settings = settings
@@ -183,14 +185,19 @@ class SampleFn:
         """Number of shards of the batch (size of the mesh's 'data' axis)."""
         return int(self.mesh.shape["data"])
 
-    def __call__(self, keys):
+    def __call__(self, keys, params=None):
+        """`params`: the denoiser's variables for this call instead of the bound ones (replicated over the
+        mesh; the training loop passes each snapshot's EMA variables)."""
         n = keys.shape[0]
         if n % self.data_size:
             raise ValueError(f"batch of {n} keys is not a multiple of the mesh's {self.data_size} data shards; "
                              "pad it (generate() does)")
-        if self.params is None:
+        if not self.bound:
             return self.jitted(keys)
-        return self.jitted(keys, self.params)
+        params = self.params if params is None else params
+        if params is None:
+            raise ValueError("this sample function was built over a BoundDenoiser without params; pass params=")
+        return self.jitted(keys, params)
 
     def keys_for(self, seeds, base_seed: int = 0):
         """Global per-seed keys [len(seeds)], sharded along 'data'. Every host passes the same seeds and
@@ -204,9 +211,9 @@ class SampleFn:
             self._key_fns[base_seed] = fn
         return fn(arr)
 
-    def sample_seeds(self, seeds, base_seed: int = 0):
-        """`self(self.keys_for(seeds, base_seed))`."""
-        return self(self.keys_for(seeds, base_seed))
+    def sample_seeds(self, seeds, base_seed: int = 0, params=None):
+        """`self(self.keys_for(seeds, base_seed), params)`."""
+        return self(self.keys_for(seeds, base_seed), params)
 
 
 def _replicate(tree, mesh):
@@ -222,21 +229,21 @@ def _replicate(tree, mesh):
 
 
 def make_sample_fn(denoise_fn, *, image_shape, label_dim, settings: SamplerSettings, mesh: Mesh,
-                   class_idx=None, process=None, precond=None) -> SampleFn:
+                   class_idx=None, process=None) -> SampleFn:
     """One jitted, sharded function from per-image keys to uint8 images.
 
     Args:
       denoise_fn: `D(x, sigma, class_labels)` (x NHWC float32 [B, H, W, C], sigma [B], class_labels
         one-hot [B, label_dim] or None). A `BoundDenoiser` (what `load_model` returns) has its params
-        passed to the jitted function replicated over the mesh rather than embedded as constants.
+        passed to the jitted function replicated over the mesh rather than embedded as constants; with
+        params None they are given per call (`sample_fn(keys, params)`).
       image_shape: (H, W, C). label_dim: number of classes, 0 for an unconditional model.
       settings: the process's sampler settings (`process.sampler_settings(...)`, which clamps the σ range).
       mesh: a Mesh with a 'data' axis; the batch is sharded along it.
       class_idx: None draws each image's class from its seed; an int fixes it (conditional models only).
       process: the forward process (`edm_jax.diffusion.process`; `load_model` gives the model's). None = the
-        σ family with no σ range or rounding of its own (a plain denoiser such as `toy.GaussianMixture`).
-      precond: a σ-family preconditioner instead of `process` (its σ range clamps `settings`, its
-        `round_sigma` rounds every σ the denoiser sees).
+        σ family with no σ range or rounding of its own (a plain denoiser such as `toy.GaussianMixture`);
+        a bare preconditioner p is `SigmaProcess(precond=p)` (its σ range clamps `settings`).
 
     Per image (key k of its seed): start state = process.prior(fold_in(k, LATENT_STREAM)) (σ family: unit
     normals of image_shape); class = randint(fold_in(k, LABEL_STREAM), 0, label_dim); the sampler's noise at
@@ -255,7 +262,7 @@ def make_sample_fn(denoise_fn, *, image_shape, label_dim, settings: SamplerSetti
             raise ValueError(f"class_idx={class_idx} is outside [0, {label_dim - 1}]")
         class_idx = int(class_idx)
     if process is None:
-        process = SigmaProcess(precond=precond if precond is not None else EDMPrecond())
+        process = SigmaProcess(precond=EDMPrecond())
     settings = process.sampler_settings(base=settings)
     run = process.sampler(settings)
 
@@ -276,13 +283,14 @@ def make_sample_fn(denoise_fn, *, image_shape, label_dim, settings: SamplerSetti
         return to_uint8(process.to_data(x)), index
 
     batch = NamedSharding(mesh, P("data"))
-    if isinstance(denoise_fn, BoundDenoiser):
-        params = _replicate(denoise_fn.params, mesh)
+    bound = isinstance(denoise_fn, BoundDenoiser)
+    if bound:
+        params = None if denoise_fn.params is None else _replicate(denoise_fn.params, mesh)
         jitted = jax.jit(sample, in_shardings=(batch, NamedSharding(mesh, P())), out_shardings=(batch, batch))
     else:
         params = None
         jitted = jax.jit(sample, in_shardings=(batch,), out_shardings=(batch, batch))
-    return SampleFn(jitted, mesh, params, image_shape, label_dim, settings, class_idx)
+    return SampleFn(jitted, mesh, params, image_shape, label_dim, settings, class_idx, bound=bound)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,8 +339,10 @@ def _read_png(path):
     return a[..., None] if a.ndim == 2 else a
 
 
-def save_grid(images, path, columns: int = 8):
-    """Tile uint8 images [n, H, W, C] into one PNG, `min(columns, n)` per row, rows filled in order."""
+def save_grid(images, path, columns: int = 8, zoom: int = 1):
+    """Tile uint8 images [n, H, W, C] into one PNG, `min(columns, n)` per row, rows filled in order, each
+    tile repeated `zoom` times along both axes (nearest neighbour); written atomically. The one grid writer
+    (the training snapshots' `train.save_image_grid` picks its columns and zoom)."""
     images = np.asarray(images)
     n, h, w, c = images.shape
     cols = min(columns, n)
@@ -341,7 +351,7 @@ def save_grid(images, path, columns: int = 8):
     for i, image in enumerate(images):
         r, q = divmod(i, cols)
         grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = image
-    _write_png(path, grid)
+    _write_png(path, grid.repeat(zoom, 0).repeat(zoom, 1) if zoom > 1 else grid)
 
 
 def _part_seeds(outdir) -> dict[int, str]:
@@ -660,6 +670,24 @@ def _grid_images(seeds, cache, outdir, fmt, subdirs):
 
 # ---------------------------------------------------------------------------------------------------
 # Models.
+
+def sampler_settings_of(model: "LoadedModel", **overrides):
+    """(settings, note) for sampling `model`: the paper's settings for its resolution (ImageNet-64 has its
+    own stochastic ones, recognised by the dataset's name), with `overrides` (None = not given; the process
+    refuses what its family lacks). A resolution without a preset gets the CIFAR-10 settings and a note
+    saying so (the caller shows it); note is None otherwise."""
+    from edm_jax.diffusion.sampler_settings import NoPresetError
+
+    dataset = (model.config.get("dataset") or {}).get("path") if isinstance(model.config.get("dataset"), dict) else None
+    hint = dataset if dataset and "imagenet" in str(dataset).lower() else None
+    try:
+        return model.process.sampler_settings(resolution=model.image_shape[0], dataset=hint, **overrides), None
+    except NoPresetError:
+        res = model.image_shape[0]
+        return model.process.sampler_settings(**overrides), (
+            f"no paper sampler preset for {res}x{res} images; using the CIFAR-10 settings (18 Heun steps) unless "
+            "flags say otherwise")
+
 
 class LoadedModel(NamedTuple):
     """What `load_model` returns: the pieces `make_sample_fn` needs, plus the model's plain-data config."""
