@@ -20,15 +20,17 @@ import jax.numpy as jnp
 from edm_jax.diffusion.process import make_process, sigma_process
 from edm_jax.networks.build import build_network
 
-__all__ = ["process_from_config", "process_section", "load_training_checkpoint"]
+__all__ = ["process_from_config", "process_section", "load_training_checkpoint", "as_dict"]
 
 log = logging.getLogger(__name__)
 
 
-def _plain(section) -> dict:
+def as_dict(section) -> dict:
+    """A config section (ConfigDict, mapping or None) as a plain dict; None -> {}."""
     if section is None:
         return {}
     return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
 
 
 def process_from_config(config: Mapping[str, Any]):
@@ -39,7 +41,7 @@ def process_from_config(config: Mapping[str, Any]):
     possibly None (converted reference snapshots).
     """
     if config.get("process"):
-        section = _plain(config["process"])
+        section = as_dict(config["process"])
         kind = section.pop("kind", None)
         if kind is None:
             raise ValueError("the config's process section has no 'kind'; e.g. process.kind='edm'")
@@ -54,8 +56,8 @@ def process_from_config(config: Mapping[str, Any]):
 
 def _legacy(section) -> dict:
     """{'kind', 'kwargs': {...}} (training config.json) or {'kind', **kwargs} (converted snapshots) -> flat."""
-    section = _plain(section)
-    return {**{k: v for k, v in section.items() if k != "kwargs"}, **_plain(section.get("kwargs"))}
+    section = as_dict(section)
+    return {**{k: v for k, v in section.items() if k != "kwargs"}, **as_dict(section.get("kwargs"))}
 
 
 def process_section(process) -> dict:
