@@ -26,8 +26,10 @@ gradient-accumulation rounds too (the reference's `--batch-gpu`; a `lax.scan` ov
 one all-reduce per step follows, as the reference's DDP syncs only on the last round. Cost to know: the
 per-example vmap makes the step ~1.5x slower to compile (not to run).
 
-The loop (`train_and_evaluate`) is the only part that reads a config; it adds data, checkpoints
-(edm_jax/checkpoint.py), ticks, logs and sample grids around the pieces above.
+The loop (`run_loop`) is the one training skeleton: workdir lock, logs, resume policy, ticks, snapshots
+and checkpoints (edm_jax/checkpoint.py) around an `Objective` — the diffusion model's
+(`train_and_evaluate`, the only part that reads a diffusion config) or the noise-aware classifier's
+(`classifier_train`). The snapshot grids are `--mode=sample`'s sample function (`generation.sample_fn`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ from edm_jax.interop.rundir import as_dict as _as_dict
 __all__ = [
     "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
     "plan_batch", "make_mesh", "shard_batch", "compile_train_step", "maybe_initialize_distributed",
-    "build_network", "make_grid_sampler", "save_image_grid", "train_and_evaluate",
+    "build_network", "make_grid_sampler", "save_image_grid", "train_and_evaluate", "run_loop", "Objective",
+    "Schedule",
 ]
 
 AUGMENT_DIM = 9  # width of the augmentation labels (edm_jax.augment)
