@@ -331,10 +331,12 @@ def main(argv):
 
     if FLAGS.mode == "train_classifier":
         from edm_jax import checkpoint, classifier_train, data
+        from edm_jax.interop.runlock import WorkdirLockedError
 
         try:
-            classifier_train.train_classifier(FLAGS.config, workdir)
-        except (ValueError, OSError, checkpoint.CheckpointError, data.DatasetUnavailableError) as e:
+            classifier_train.train_classifier(FLAGS.config, workdir)  # holds the workdir's lock, as training
+        except (ValueError, OSError, checkpoint.CheckpointError, data.DatasetUnavailableError,
+                WorkdirLockedError) as e:
             _fail(str(e))
 
 
