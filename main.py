@@ -213,7 +213,7 @@ def _load_model(workdir):
     psld = {}
     ckpt = FLAGS.checkpoint
     if ckpt and os.path.isfile(ckpt) and psld_checkpoint.is_lightning_checkpoint(ckpt):
-        psld = dict(network_kwargs=_psld_network_kwargs(ckpt, _config_arg()),
+        psld = dict(network_kwargs=psld_checkpoint.network_kwargs_from_config(FLAGS.config, ckpt, _config_arg()),
                     process=process_from_config(FLAGS.config))
     return generate.load_model(workdir=workdir, checkpoint=FLAGS.checkpoint, **psld)
 
@@ -221,18 +221,11 @@ def _load_model(workdir):
 def _sample_fn(workdir):
     """The sharded sample function of the model in --checkpoint or --workdir, with the sampler flags applied."""
     from edm_jax import generate, guided_models
-    from edm_jax.diffusion.sampler_settings import NoPresetError
 
     model = _load_model(workdir)
-    dataset = (model.config.get("dataset") or {}).get("path") if isinstance(model.config.get("dataset"), dict) else None
-    # The paper's settings by resolution; ImageNet-64 has its own stochastic ones (recognised by name).
-    hint = dataset if dataset and "imagenet" in str(dataset).lower() else None
-    try:
-        settings = model.process.sampler_settings(resolution=model.image_shape[0], dataset=hint, **_sampler_flags())
-    except NoPresetError:  # a resolution the paper has no preset for: its CIFAR-10 settings, said out loud
-        settings = model.process.sampler_settings(**_sampler_flags())
-        print(f"note: no paper sampler preset for {model.image_shape[0]}x{model.image_shape[0]} images; "
-              "using the CIFAR-10 settings (18 Heun steps) unless flags say otherwise", flush=True)
+    settings, note = generate.sampler_settings_of(model, **_sampler_flags())
+    if note:
+        print(f"note: {note}", flush=True)
     denoise = model.denoise
     if FLAGS.guidance:
         denoise = guided_models.with_classifier_free_guidance(model, FLAGS.guidance)
@@ -292,10 +285,7 @@ def _evaluate(workdir):
     if FLAGS.ref_out:
         if not FLAGS.data:
             raise ValueError("--ref_out needs --data=PATH (a reference-format zip or folder, or tfds:<name>)")
-        if FLAGS.data.startswith("tfds:"):
-            dataset = data.load_dataset(source="tfds", tfds_name=FLAGS.data[len("tfds:"):])
-        else:
-            dataset = data.load_dataset(source="auto", path=FLAGS.data, use_labels=False)
+        dataset = data.load_dataset_spec(FLAGS.data)
         mu, sigma = evaluate.reference_stats_of_dataset(dataset, inception, FLAGS.batch, mesh=mesh)
         fid.save_reference_stats(FLAGS.ref_out, mu, sigma)
         print(f"reference statistics of {len(dataset.images)} images of {FLAGS.data} -> {FLAGS.ref_out}")
@@ -325,31 +315,6 @@ def _evaluate(workdir):
     if workdir and os.path.isdir(workdir):
         with open(os.path.join(workdir, "fid.jsonl"), "a") as f:
             f.write(json.dumps(result) + "\n")
-
-
-def _psld_network_kwargs(path, config_arg):
-    """SongUNet kwargs for a PSLD checkpoint, which holds no hyperparameters: the config's model and network_io."""
-    if config_arg is None:
-        raise ValueError(f"{path} is a PyTorch Lightning checkpoint, which holds no network settings; pass the "
-                         "config it was trained with, e.g. --config=configs/cifar10_psld.py")
-    config = FLAGS.config
-    model, io = config.get("model"), config.get("network_io")
-    if model is None or io is None or model.get("name", "SongUNet") != "SongUNet":
-        raise ValueError(f"config {config_arg} lacks a SongUNet model section and a network_io section "
-                         "(img_resolution, in_channels, out_channels); see configs/cifar10_psld.py")
-    kwargs = {k: v for k, v in model.to_dict().items() if k not in ("name", "dtype")}
-    kwargs.update(io.to_dict())
-    return kwargs
-
-
-def _convert_psld(path, workdir, config_arg):
-    """The network from the config; its process section is recorded as given (the file holds none)."""
-    from edm_jax.interop import psld_checkpoint
-
-    kwargs = _psld_network_kwargs(path, config_arg)  # first: without --config there is no FLAGS.config
-    process = FLAGS.config.get("process")
-    psld_checkpoint.convert_psld_checkpoint(path, workdir, kwargs,
-                                            process=None if process is None else process.to_dict())
 
 
 def _likelihood(workdir):
@@ -428,7 +393,7 @@ def main(argv):
 
         try:
             if psld_checkpoint.is_lightning_checkpoint(FLAGS.checkpoint):
-                _convert_psld(FLAGS.checkpoint, FLAGS.workdir, config_arg)
+                psld_checkpoint.convert_from_config(FLAGS.checkpoint, FLAGS.workdir, FLAGS.config, config_arg)
             else:
                 convert.convert_snapshot(FLAGS.checkpoint, FLAGS.workdir)
         except (OSError, ValueError, pickle.UnpicklingError) as e:  # incl. unsafe or corrupt pickles
@@ -468,10 +433,12 @@ def main(argv):
 
     if FLAGS.mode == "train_classifier":
         from edm_jax import checkpoint, classifier_train, data
+        from edm_jax.interop.runlock import WorkdirLockedError
 
         try:
-            classifier_train.train_classifier(FLAGS.config, workdir)
-        except (ValueError, OSError, checkpoint.CheckpointError, data.DatasetUnavailableError) as e:
+            classifier_train.train_classifier(FLAGS.config, workdir)  # holds the workdir's lock, as training
+        except (ValueError, OSError, checkpoint.CheckpointError, data.DatasetUnavailableError,
+                WorkdirLockedError) as e:
             _fail(str(e))
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench_network import ARCHS, TINY, arg_parser, parse_args, peak_memory_gb  # noqa: E402
 
 from edm_jax import generate  # noqa: E402
+from edm_jax.diffusion.process import SigmaProcess  # noqa: E402
 from edm_jax.precond import EDMPrecond  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def bench(arch, dtype, batch, steps, iters, tiny):
     denoise = generate.BoundDenoiser(precond.denoiser(module.apply), variables)
     settings = generate.SamplerSettings(num_steps=steps)
     sample_fn = generate.make_sample_fn(denoise, image_shape=(r, r, c), label_dim=label_dim, settings=settings,
-                                        mesh=generate.make_mesh(), precond=precond)
+                                        mesh=generate.make_mesh(), process=SigmaProcess(precond=precond))
     keys = sample_fn.keys_for(list(range(batch)))
     jax.block_until_ready(sample_fn(keys))  # compile + warm-up
     start = time.perf_counter()

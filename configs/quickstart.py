@@ -9,8 +9,9 @@ SongUNet, no augmentation, short ramps, 1000 steps of batch 32 (32 kimg).
 
 Expected (measured on 2 CPU cores): 4m53s wall in all, of which ~1 min is compilation (step, sampler);
 then ~150 img/s; the loss goes 1.36 -> 0.23. The final grid runs/quickstart/samples/
-samples-000032kimg-step0001000.png (8x8, class = column mod 4) shows bright shapes on dark backgrounds:
-columns of discs, squares, rings (some still open, C-shaped) and clean horizontal or vertical stripes;
+samples-000032kimg-step0001000.png (8x8: seeds 0-63, each seed's class drawn as --mode=sample draws it, so
+cell s is `--mode=sample --seeds=s` of that snapshot) shows bright shapes on dark backgrounds: discs,
+squares, rings (some still open, C-shaped) and clean horizontal or vertical stripes;
 colours are sometimes two-tone where the data's are one hue. Re-running resumes (once done, it says
 there is nothing to do); delete runs/quickstart to start over.
 """

@@ -34,7 +34,7 @@ from etils import epath
 
 __all__ = ["Checkpointer", "CheckpointError", "checksums", "verify_checksums"]
 
-log = logging.getLogger("edm_jax")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):

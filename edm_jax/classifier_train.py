@@ -16,8 +16,9 @@ fold_in(step_key, i), so results do not depend on the device count; the data ord
 from __future__ import annotations
 
 import json
+import logging
 import os
-import time
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -29,22 +30,18 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from edm_jax.diffusion.guidance import classifier_loss
 from edm_jax.networks.classifier import EncoderUNet
 from edm_jax.diffusion.precond import EDMPrecond, make_precond
-from edm_jax.train import (learning_rate, make_mesh, make_optimizer, maybe_initialize_distributed, plan_batch,
-                           shard_batch)
+from edm_jax.interop.rundir import as_dict as _as_dict
+from edm_jax.train import (Objective, Schedule, learning_rate, make_mesh, make_optimizer, maybe_initialize_distributed,
+                           plan_batch, run_loop)
 
 __all__ = ["train_classifier", "load_classifier", "accuracy_per_sigma", "make_classifier_step",
            "CLASSIFIER_CONFIG", "ACCURACY_FILE"]
 
 CLASSIFIER_CONFIG = "classifier_config.json"
 ACCURACY_FILE = "accuracy.json"
+log = logging.getLogger(__name__)
 _NET_KEYS = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout",
              "channels_per_head", "dtype")
-
-
-def _as_dict(section) -> dict:
-    if section is None:
-        return {}
-    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
 
 
 def _json_ready(value):
@@ -213,7 +210,7 @@ def load_classifier(workdir: str):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The training loop.
+# The objective on the shared training loop (train.run_loop).
 
 def _eval_set(config, dataset, data_lib):
     """Held-out (images float32 [-1, 1], one-hot labels) and the training dataset (possibly shrunk)."""
@@ -242,29 +239,28 @@ def train_classifier(config, workdir: str):
     accuracy rows (see `accuracy_per_sigma`).
 
     config sections: data (as train.py's), classifier (EncoderUNet kwargs), noise (P_mean, P_std), train
-    (batch_size, lr, lr_rampup_kimg, adam_b1/b2/eps, total_steps, log_every, checkpoint_every,
-    max_to_keep, seed, optional compiler_options for XLA), eval (sigmas, num_images, seed, batch).
+    (batch_size, lr, lr_rampup_kimg, adam_b1/b2/eps, total_steps, log_every, checkpoint_every (a multiple of
+    log_every), max_to_keep, seed, optional compiler_options for XLA), eval (sigmas, num_images, seed, batch).
+    The loop is the diffusion model's (`train.run_loop`): the same resume policy, ticks (every log_every
+    steps), log.txt / metrics.jsonl (echoed to stdout) and checkpoints (every checkpoint_every steps).
     """
-    from edm_jax import data as data_lib
-    from edm_jax.checkpoint import Checkpointer
-
     maybe_initialize_distributed()
     for name in ("data", "classifier", "noise", "train", "eval"):
         if name not in config:
             raise ValueError(f"the classifier config has no '{name}' section")
-    t_start = time.time()
     tc = config.train
     if int(tc.total_steps) < 1:  # checked before anything is written: no accuracy table of random weights
         raise ValueError(f"train.total_steps={tc.total_steps} trains nothing, and the accuracy table of an untrained "
                          "classifier would mislead; set train.total_steps >= 1")
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
-    chief = jax.process_index() == 0
+    return run_loop(workdir, lambda mesh: _classifier_objective(config, workdir, mesh), console=sys.stdout)
 
-    def say(msg):
-        if chief:
-            print(msg, flush=True)
 
+def _classifier_objective(config, workdir: str, mesh):
+    """(Objective, Schedule) of the noise-aware classifier: data, EncoderUNet, Adam, the step, the table."""
+    from edm_jax import data as data_lib
+
+    tc = config.train
     data_kwargs = _as_dict(config.data)
     data_kwargs.pop("xflip", None)
     data_kwargs["use_labels"] = True
@@ -273,101 +269,80 @@ def train_classifier(config, workdir: str):
         raise ValueError(f"dataset {dataset.name!r} has no class labels; a classifier needs labelled data")
     eval_images, eval_labels, dataset = _eval_set(config, dataset, data_lib)
     shape = (dataset.resolution, dataset.resolution, dataset.channels)
+    log.info("data: %r, %d training images of %s, %d classes", dataset.name, len(dataset),
+             "x".join(map(str, shape)), dataset.label_dim)
 
     net_kwargs = _network_kwargs(_as_dict(config.classifier), resolution=shape[0], channels=shape[2],
                                  num_classes=dataset.label_dim)
     module = _module_from_kwargs(net_kwargs)
     precond_meta = {"kind": "edm", "kwargs": {"sigma_data": 0.5}}
     precond = make_precond(precond_meta["kind"], **precond_meta["kwargs"])
-    if chief:
+    if jax.process_index() == 0:
         with open(os.path.join(workdir, CLASSIFIER_CONFIG), "w") as f:
             json.dump({"network": {k: _json_ready(v) for k, v in net_kwargs.items()}, "precond": precond_meta,
                        "noise": _as_dict(config.noise), "label_dim": int(dataset.label_dim)}, f, indent=2)
             f.write("\n")
 
-    mesh = make_mesh()
     global_batch = int(tc.batch_size)
     plan_batch(global_batch, mesh.size)  # divisibility check
     total_steps = int(tc.total_steps)
-    seed = int(tc.seed)
+    log_every, ckpt_every = max(1, int(tc.log_every)), max(1, int(tc.checkpoint_every))
+    if ckpt_every % log_every:
+        raise ValueError(f"train.checkpoint_every={ckpt_every} is not a multiple of train.log_every={log_every} "
+                         "(checkpoints are written at ticks); make it a multiple")
     tx = make_optimizer(tc.lr, tc.adam_b1, tc.adam_b2, tc.adam_eps)
     rep = NamedSharding(mesh, P())
     init, abstract = _abstract_state(module, tx, shape, rep)
     options = _as_dict(tc.get("compiler_options")) or None  # e.g. {'xla_backend_optimization_level': 0}
     # XLA:CPU spends long optimising the initialisers' random draws, which run once (as train.py): skip that.
     init_options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else options
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=int(tc.max_to_keep),
-                        async_save=bool(tc.get("async_checkpointing", True)))
-    stream = None
-    try:
-        restored = ckpt.restore_latest(abstract)
-        if restored is None:
-            state = jax.jit(init, out_shardings=rep, compiler_options=init_options)(jax.random.fold_in(jax.random.key(seed), 0))
-            say(f"new classifier: {sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
-                f"{dataset.label_dim} classes, {len(dataset)} training images of {'x'.join(map(str, shape))}")
-        else:
-            state, meta = restored
-            if int(meta["global_batch"]) != global_batch:
-                raise ValueError(f"the checkpoint in {ckpt.directory} was trained with train.batch_size="
-                                 f"{meta['global_batch']}, this config says {global_batch}; use a new workdir")
-            seed = int(meta["seed"])
-            say(f"resumed from {ckpt.directory}/{meta['step']}")
-        start_step = int(jax.device_get(state["step"]))
-        acc_path = os.path.join(workdir, ACCURACY_FILE)
-        if start_step >= total_steps and os.path.isfile(acc_path):
+    acc_path = os.path.join(workdir, ACCURACY_FILE)
+
+    def make_step():
+        log.info("training the classifier to step %d, batch %d on %d device(s)", total_steps, global_batch,
+                 mesh.size)
+        return jax.jit(make_classifier_step(
+            apply_fn=module.apply, tx=tx, precond=precond, P_mean=float(config.noise.P_mean),
+            P_std=float(config.noise.P_std), global_batch=global_batch, base_lr=float(tc.lr),
+            lr_rampup_img=float(tc.lr_rampup_kimg) * 1000, dropout=float(net_kwargs.get("dropout", 0)) > 0),
+            in_shardings=(rep, NamedSharding(mesh, P("data")), rep), out_shardings=(rep, rep),
+            donate_argnums=(0,), compiler_options=options)
+
+    def batches(seed, start_step):
+        return data_lib.batches(dataset, global_batch=global_batch, seed=seed, start_step=start_step,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+
+    def summarize(pending):
+        return {"loss": float(np.mean([m["loss"] for m in pending])), "lr": float(pending[-1]["lr"])}
+
+    def tick_text(r):
+        return (f"step {r['step']:>6}/{total_steps}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  "
+                f"{r['img_per_sec']:.1f} img/s")
+
+    def finish(state, trained):
+        if not trained and os.path.isfile(acc_path):  # a finished run: its table, not a new evaluation
             with open(acc_path) as f:
                 rows = json.load(f)["rows"]
-            say(f"nothing to do: the newest checkpoint is at step {start_step} of {total_steps}\n"
-                + format_accuracy_table(rows))
+            log.info("%s", format_accuracy_table(rows))
             return rows
-
-        if start_step < total_steps:
-            step_fn = jax.jit(make_classifier_step(
-                apply_fn=module.apply, tx=tx, precond=precond, P_mean=float(config.noise.P_mean),
-                P_std=float(config.noise.P_std), global_batch=global_batch, base_lr=float(tc.lr),
-                lr_rampup_img=float(tc.lr_rampup_kimg) * 1000, dropout=float(net_kwargs.get("dropout", 0)) > 0),
-                in_shardings=(rep, NamedSharding(mesh, P("data")), rep), out_shardings=(rep, rep),
-                donate_argnums=(0,), compiler_options=options)
-            train_key = jax.random.fold_in(jax.random.key(seed), 1)
-            stream = data_lib.batches(dataset, global_batch=global_batch, seed=seed, start_step=start_step,
-                                      process_index=jax.process_index(), process_count=jax.process_count())
-            log_every = max(1, int(tc.log_every))
-            ckpt_every = max(1, int(tc.checkpoint_every))
-            say(f"training the classifier from step {start_step} to {total_steps}, batch {global_batch} on "
-                f"{mesh.size} device(s)")
-            step, pending, t_tick = start_step, [], time.time()
-            while step < total_steps:
-                batch = next(stream)
-                state, metrics = step_fn(state, shard_batch({"images": batch["images"], "labels": batch["labels"]},
-                                                            mesh), train_key)
-                pending.append(metrics)
-                step += 1
-                done = step >= total_steps
-                if step % log_every == 0 or done or step == start_step + 1:
-                    pending = jax.device_get(pending)
-                    dt = time.time() - t_tick
-                    say(f"step {step:>6}/{total_steps}  loss {np.mean([m['loss'] for m in pending]):.4f}  "
-                        f"lr {float(pending[-1]['lr']):.2e}  {len(pending) * global_batch / dt:.1f} img/s")
-                    pending, t_tick = [], time.time()
-                if step % ckpt_every == 0 or done:
-                    ckpt.save(step, state, {"step": step, "nimg": step * global_batch, "global_batch": global_batch,
-                                            "seed": seed, "time": time.time()})
-            ckpt.wait()
-
         ec = config.eval
         rows = accuracy_per_sigma(module.apply, {"params": state["params"]}, eval_images, eval_labels,
                                   [float(s) for s in ec.sigmas], jax.random.key(int(ec.seed)), precond,
                                   batch=int(ec.get("batch", 512)))
-        say(f"held-out accuracy per sigma ({len(eval_images)} images, chance {1 / dataset.label_dim:.3f}):\n"
-            + format_accuracy_table(rows))
-        if chief:
+        log.info("held-out accuracy per sigma (%d images, chance %.3f):\n%s", len(eval_images),
+                 1 / dataset.label_dim, format_accuracy_table(rows))
+        if jax.process_index() == 0:
             with open(acc_path, "w") as f:
                 json.dump({"step": int(jax.device_get(state["step"])), "num_images": len(eval_images),
                            "chance": 1 / dataset.label_dim, "rows": rows}, f, indent=2)
                 f.write("\n")
-        say(f"done in {time.time() - t_start:.1f} s; checkpoints in {ckpt.directory}, table in {acc_path}")
+            log.info("table in %s", acc_path)
         return rows
-    finally:
-        if stream is not None:
-            stream.close()
-        ckpt.close()
+
+    objective = Objective(init=jax.jit(init, out_shardings=rep, compiler_options=init_options), abstract=abstract,
+                          make_step=make_step, batches=batches, summarize=summarize, tick_text=tick_text,
+                          finish=finish)
+    schedule = Schedule(total_steps=total_steps, steps_per_tick=log_every, snapshot_every=ckpt_every,
+                        global_batch=global_batch, seed=int(tc.seed), max_to_keep=int(tc.max_to_keep),
+                        async_save=bool(tc.get("async_checkpointing", True)))
+    return objective, schedule

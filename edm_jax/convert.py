@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from edm_jax.networks import DhariwalUNet, SongUNet
+from edm_jax.networks.build import NETWORKS
+from edm_jax.torch_pickle import flax_shape, to_flax_layout  # noqa: F401 (re-exported; the one transpose)
 
-MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+MODEL_TYPES = NETWORKS  # the one table of network classes
 
 # Keys that appear next to the network kwargs in reference configs/pickles but are not network
 # constructor arguments (class name, precision switch, preconditioner hyperparameters): ignored.
@@ -56,26 +57,6 @@ def flax_location(name, ndim):
         raise ValueError(f"state-dict entry {name!r}: unknown leaf {parts[-1]!r} "
                          "(expected weight, bias, freqs or resample_filter).")
     return "params", tuple(parts[:-1]) + (leaf,)
-
-
-def flax_shape(shape):
-    """The flax shape of a reference tensor of `shape`: OIHW -> HWIO, [out, in] -> [in, out]."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 4:
-        return shape[2], shape[3], shape[1], shape[0]
-    if len(shape) == 2:
-        return shape[1], shape[0]
-    return shape
-
-
-def to_flax_layout(array):
-    """Transpose one reference array to the flax layout (float32 numpy)."""
-    array = np.asarray(array, np.float32)
-    if array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
-    if array.ndim == 2:
-        return array.T
-    return array
 
 
 def resample_filter_2d(resample_filter):

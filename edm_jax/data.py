@@ -610,6 +610,14 @@ def _read_tfds(tfds: Any, builder: Any, split: str) -> tuple[np.ndarray, np.ndar
 # ------------------------------------------------------------------------------------------------------
 # Dispatch.
 
+def load_dataset_spec(spec: str, *, use_labels: bool = False) -> ImageDataset:
+    """A dataset named in one string, as the command line's --data: 'tfds:<name>' (TFDS, its train split)
+    or a path (a reference-format zip or folder, `source='auto'`)."""
+    if spec.startswith("tfds:"):
+        return load_dataset(source="tfds", tfds_name=spec[len("tfds:"):])
+    return load_dataset(source="auto", path=spec, use_labels=use_labels)
+
+
 def load_dataset(*, source: str, path: str | None = None, tfds_name: str | None = None,
                  tfds_data_dir: str | None = None, synthetic: Mapping[str, Any] | None = None,
                  max_size: int | None = None, use_labels: bool = True, tfds_split: str = "train",

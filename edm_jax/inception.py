@@ -368,26 +368,6 @@ def flax_location(name):
     return (target[0], *path, target[1])
 
 
-def _flax_shape(shape):
-    """Torch shape -> flax shape: OIHW -> HWIO, [out, in] -> [in, out]."""
-    shape = tuple(shape)
-    if len(shape) == 4:
-        return shape[2], shape[3], shape[1], shape[0]
-    if len(shape) == 2:
-        return shape[1], shape[0]
-    return shape
-
-
-def _flax_layout(array):
-    """Torch layout -> flax: conv OIHW -> HWIO, linear [out, in] -> [in, out]."""
-    array = np.asarray(array)
-    if array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)
-    if array.ndim == 2:
-        return array.T
-    return array
-
-
 def _listing(items, limit=12):
     items = list(items)
     return ", ".join(items[:limit]) + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
@@ -418,7 +398,7 @@ def match_state_dict(shapes: Mapping[str, tuple]):
         if loc not in targets:
             leftover.append(name)
             continue
-        flax_shape = _flax_shape(shape)
+        flax_shape = torch_pickle.flax_shape(shape)
         if flax_shape != targets[loc]:
             mismatched.append(f"{name}: torch {list(shape)} -> flax {list(flax_shape)}, "
                               f"but {'/'.join(loc)} is {list(targets[loc])}")
@@ -441,7 +421,7 @@ def match_state_dict(shapes: Mapping[str, tuple]):
 def variables_from_state_dict(state_dict: Mapping[str, Any]):
     """pytorch-fid state dict `{name: array in torch layout}` -> flax `{'params', 'batch_stats'}` (float32)."""
     plan = match_state_dict({k: np.shape(v) for k, v in state_dict.items()})
-    flat = {loc: jnp.asarray(_flax_layout(np.asarray(state_dict[name], np.float32)))
+    flat = {loc: jnp.asarray(torch_pickle.to_flax_layout(state_dict[name]))
             for name, loc in plan.items()}
     return traverse_util.unflatten_dict(flat)
 

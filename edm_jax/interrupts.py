@@ -26,7 +26,7 @@ import jax
 
 __all__ = ["GracefulStop"]
 
-log = logging.getLogger("edm_jax")
+log = logging.getLogger(__name__)
 EXIT_AT_ONCE = 130  # the shell's status for a process ended by SIGINT
 
 

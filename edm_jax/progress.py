@@ -13,7 +13,7 @@ import time
 
 __all__ = ["hms", "Progress", "phase"]
 
-log = logging.getLogger("edm_jax")
+log = logging.getLogger(__name__)
 
 
 def hms(seconds: float) -> str:

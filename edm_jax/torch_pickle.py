@@ -22,7 +22,8 @@ import zipfile
 import numpy as np
 
 __all__ = ["UnsafePickleError", "SnapshotFormatError", "PersistentObject",
-           "load_reference_pickle", "load_reference_network", "state_dict", "load_torch_save"]
+           "load_reference_pickle", "load_reference_network", "state_dict", "load_torch_save", "flax_shape",
+           "to_flax_layout"]
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -475,3 +476,23 @@ def state_dict(module, prefix="") -> dict:
 
     visit(module, prefix)
     return out
+
+
+def flax_shape(shape):
+    """The flax shape of a torch tensor of `shape`: conv OIHW -> HWIO, linear [out, in] -> [in, out]."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 4:
+        return shape[2], shape[3], shape[1], shape[0]
+    if len(shape) == 2:
+        return shape[1], shape[0]
+    return shape
+
+
+def to_flax_layout(array):
+    """One torch array in the flax layout (`flax_shape`), float32 numpy: the one OIHW -> HWIO transpose."""
+    array = np.asarray(array, np.float32)
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)
+    if array.ndim == 2:
+        return array.T
+    return array

@@ -28,8 +28,10 @@ gradient-accumulation rounds too (the reference's `--batch-gpu`; a `lax.scan` ov
 one all-reduce per step follows, as the reference's DDP syncs only on the last round. Cost to know: the
 per-example vmap makes the step ~1.5x slower to compile (not to run).
 
-The loop (`train_and_evaluate`) is the only part that reads a config; it adds data, checkpoints
-(edm_jax/checkpoint.py), ticks, logs and sample grids around the pieces above.
+The loop (`run_loop`) is the one training skeleton: workdir lock, logs, resume policy, ticks, snapshots
+and checkpoints (edm_jax/checkpoint.py) around an `Objective` — the diffusion model's
+(`train_and_evaluate`, the only part that reads a diffusion config) or the noise-aware classifier's
+(`classifier_train`). The snapshot grids are `--mode=sample`'s sample function (`generation.sample_fn`).
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ from edm_jax.diffusion import augment as augment_lib
 from edm_jax import distributed
 from edm_jax.distributed import make_mesh
 from edm_jax import generate as generate_lib
+from edm_jax.networks.build import build_network  # noqa: F401 (re-exported; moved to networks/)
+from edm_jax.interop.rundir import as_dict as _as_dict
 
 __all__ = [
     "learning_rate", "ema_beta", "TrainState", "make_optimizer", "create_train_state", "make_train_step",
-    "plan_batch", "out_of_memory_message", "resume_changes", "make_mesh", "shard_batch", "compile_train_step", "maybe_initialize_distributed",
-    "build_network", "make_grid_sampler", "save_image_grid", "train_and_evaluate",
+    "plan_batch", "out_of_memory_message", "resume_changes", "make_mesh", "shard_batch", "compile_train_step",
+    "maybe_initialize_distributed", "build_network", "make_grid_sampler", "save_image_grid", "train_and_evaluate",
+    "run_loop", "Objective", "Schedule",
 ]
 
 AUGMENT_DIM = 9  # width of the augmentation labels (edm_jax.augment)
@@ -381,14 +386,9 @@ def compile_train_step(train_step: Callable, mesh: Mesh, compiler_options: Optio
 # ---------------------------------------------------------------------------------------------------
 # The training loop (training_loop.py): everything below reads the config; the pieces above never do.
 
-log = logging.getLogger("edm_jax")
+log = logging.getLogger(__name__)
+_PACKAGE_LOG = logging.getLogger("edm_jax")  # where a run's log.txt collects every module's lines
 
-
-
-def _as_dict(section) -> dict:
-    if section is None:
-        return {}
-    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
 
 
 def _require(config, *names):
@@ -399,38 +399,11 @@ def _require(config, *names):
                              f"and sample")
 
 
-def build_network(model: Mapping, *, resolution: int, channels: int, label_dim: int, augment_dim: int,
-                  out_channels: int):
-    """The flax network from a config's `model` section: {'name': 'SongUNet' | 'DhariwalUNet', 'dtype':
-    'float32' | 'bfloat16', **constructor keywords}; the data-dependent keywords come from the dataset,
-    as in the reference's train.py."""
-    from edm_jax import networks
-
-    kwargs = dict(model)
-    name = kwargs.pop("name", "SongUNet")
-    dtype = kwargs.pop("dtype", "float32")
-    classes = {"SongUNet": networks.SongUNet, "DhariwalUNet": networks.DhariwalUNet}
-    if name not in classes:
-        raise ValueError(f"model.name={name!r} is not a network; choose one of {sorted(classes)}")
-    fields = {f.name for f in dataclasses.fields(classes[name])} - {"parent", "name"}
-    unknown = sorted(set(kwargs) - fields)
-    if unknown:
-        raise ValueError(f"{name} has no constructor keyword(s) {unknown}; remove them from the config's model "
-                         f"section (valid: {sorted(fields)})")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"model.dtype={dtype!r} is not a compute dtype; use 'float32' or 'bfloat16'")
-    for key in ("channel_mult", "attn_resolutions", "resample_filter"):
-        if key in kwargs and kwargs[key] is not None:
-            kwargs[key] = tuple(kwargs[key])
-    return classes[name](img_resolution=resolution, in_channels=channels, out_channels=out_channels,
-                         label_dim=label_dim, augment_dim=augment_dim, dtype=jnp.dtype(dtype), **kwargs)
-
-
 class _Logs:
     """log.txt (human-readable, also echoed to stdout), metrics.jsonl and TensorBoard event files in
     tensorboard/ (edm_jax.tensorboard; the metrics records as scalars), written by process 0 only."""
 
-    def __init__(self, workdir: str, active: bool):
+    def __init__(self, workdir: str, active: bool, stream=None):
         self.active = active
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.tensorboard_dir = os.path.join(workdir, "tensorboard")  # events files, made on the first record
@@ -438,12 +411,12 @@ class _Logs:
         self._purge_step = None  # first step a resumed run logs: TensorBoard drops the dead run's points from it on
         self._handlers = []
         if active:
-            for handler in (logging.StreamHandler(), logging.FileHandler(os.path.join(workdir, "log.txt"))):
+            for handler in (logging.StreamHandler(stream), logging.FileHandler(os.path.join(workdir, "log.txt"))):
                 handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-                log.addHandler(handler)
+                _PACKAGE_LOG.addHandler(handler)
                 self._handlers.append(handler)
-            log.setLevel(logging.INFO)
-            log.propagate = False
+            _PACKAGE_LOG.setLevel(logging.INFO)
+            _PACKAGE_LOG.propagate = False
 
     def truncate_metrics(self, after_step: int):
         """Drop records past `after_step` (written by a run that died before its next checkpoint), in
@@ -487,10 +460,10 @@ class _Logs:
             self._tensorboard.close()
             self._tensorboard = None
         for handler in self._handlers:
-            log.removeHandler(handler)
+            _PACKAGE_LOG.removeHandler(handler)
             handler.close()
         if self._handlers:
-            log.propagate = True
+            _PACKAGE_LOG.propagate = True
 
 
 def _memory_text() -> str:
@@ -514,217 +487,147 @@ def make_grid_sampler(module, process, *, mesh: Mesh, shape, label_dim: int, num
                       settings=None):
     """A function EMA variables -> uint8 images [num_images, H, W, C] for the snapshot grids.
 
-    Fixed start states (image i from `fold_in(key(seed), i)`) and class labels (i mod label_dim), so the
-    grids of successive snapshots show the same images as training progresses. `settings`: the process's
-    sampler settings (default `process.sampler_settings()`; σ family: Heun, Algorithm 1, σ range clamped).
+    `--mode=sample`'s sample function (`generate.make_sample_fn`) over seeds 0 .. num_images−1 with
+    base_seed `seed`: grid cell s is the image `--mode=sample --seeds=s --base_seed=seed` gives for the same
+    snapshot (start state, class and sampler noise from the seed's key), and successive snapshots show the
+    same seeds as training progresses. `settings`: the process's sampler settings (default
+    `process.sampler_settings()`; σ family: Heun, Algorithm 1, σ range clamped).
     """
-    model = process.model(module.apply)
-    run = process.sampler(process.sampler_settings() if settings is None else settings)
-    base = jax.random.key(seed)
-    image_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num_images, dtype=jnp.uint32))
-    latents = process.prior(image_keys, tuple(shape))
-    # Per-image keys for the samplers that draw noise (stochastic ones: PSLD's Euler–Maruyama, churn).
-    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(image_keys)
-    labels = jax.nn.one_hot(jnp.arange(num_images) % label_dim, label_dim) if label_dim else None
-    rep = _replicated(mesh)
-    data = NamedSharding(mesh, P("data")) if num_images % mesh.size == 0 else rep
-    latents, noise_keys = jax.device_put((latents, noise_keys), data)
-    labels = None if labels is None else jax.device_put(labels, data)
+    from edm_jax import generate
 
-    def sample(variables, latents, labels, keys):
-        x = run(lambda z, level, class_labels: model(variables, z, level, class_labels), latents, labels, key=keys)
-        return jnp.clip(process.to_data(x) * 127.5 + 128, 0, 255).astype(jnp.uint8)  # the reference's conversion
+    sample_fn = generate.make_sample_fn(generate.BoundDenoiser(process.model(module.apply), None),
+                                        image_shape=tuple(shape), label_dim=label_dim,
+                                        settings=process.sampler_settings() if settings is None else settings,
+                                        mesh=mesh, process=process)
+    # The batch must split over the mesh: pad with the last seed, as generate() does, and drop the copies.
+    padded = -(-num_images // sample_fn.data_size) * sample_fn.data_size
+    seeds = [min(i, num_images - 1) for i in range(padded)]
+    keys = sample_fn.keys_for(seeds, seed)
 
-    sample = jax.jit(sample, in_shardings=(rep, data, data, data), out_shardings=rep)
-    return lambda variables: np.asarray(sample(variables, latents, labels, noise_keys))
+    def grid(variables):
+        images = sample_fn(keys, variables)[0]
+        if jax.process_count() > 1:  # each host holds only its rows
+            from jax.experimental import multihost_utils
+            images = multihost_utils.process_allgather(images, tiled=True)
+        return np.asarray(images)[:num_images]
+
+    return grid
 
 
 save_image_grid = generate_lib.save_grid  # the one grid writer: snapshots look like --mode=sample's grid.png
 
 
-def train_and_evaluate(config, workdir: str):
-    """Train as the config says, in `workdir`, resuming from its newest checkpoint if there is one.
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When the shared loop (`run_loop`) ticks and snapshots, in steps (training_loop.py's kimg_per_tick,
+    snapshot_ticks, state_dump_ticks). A tick (one log line, one metrics.jsonl record) follows the first
+    step, every `steps_per_tick` steps and the last; a snapshot (checkpoint + the objective's outputs)
+    follows the first step, every `snapshot_every` steps and the last. Multiples of absolute steps, so a
+    resumed run ticks and snapshots where an uninterrupted one does."""
 
-    config: an ml_collections ConfigDict with sections data, model, process (older run directories: precond +
-      loss), augment, train, sample (configs/cifar10_edm.py lists every field). workdir: the run directory; it receives checkpoints/
-      (orbax: train state incl. EMA and Adam, step = data position, seed), config.json (the resolved
-      config), log.txt, metrics.jsonl (one record per tick) and samples/ (a PNG grid of EMA samples per
-      snapshot). Returns the final TrainState.
+    total_steps: int
+    steps_per_tick: int
+    snapshot_every: int
+    global_batch: int
+    seed: int
+    max_to_keep: int = 3
+    keep_period: Optional[int] = None  # checkpoints at multiples of this many steps are kept forever
+    async_save: bool = True
+    progress_sec: float = 30.0
+    batch_per_device: Optional[int] = None  # examples per device and round (the out-of-memory advice)
 
-    Ticks and snapshots follow training_loop.py: a tick is `train.tick_kimg` of images (the first tick ends
-    after the first step); a snapshot (checkpoint + sample grid) every `train.snapshot_ticks` ticks, after
-    the first step, and at the end; checkpoints at multiples of `train.state_dump_ticks` ticks are kept
-    forever, the others only while among the newest `train.max_to_keep`. Tick boundaries are multiples of
-    the steps per tick (not restarted on resume), so a resumed run snapshots where an uninterrupted one does.
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What one kind of training run puts on the shared loop: the diffusion model (`train_and_evaluate`)
+    and the noise-aware classifier (`classifier_train.train_classifier`) differ only in these.
+
+    The loop owns the rest: the workdir lock, log.txt / metrics.jsonl / TensorBoard, the resume policy
+    (newest intact checkpoint; batch size must match; the checkpoint's seed wins), the step key
+    fold_in(key(seed), 1) and init key fold_in(key(seed), 0), ticks, snapshots, graceful stops.
     """
-    maybe_initialize_distributed()
-    _require(config, "data", "model", "augment", "train", "sample")
+
+    init: Callable            # key -> a fresh, replicated state (a new run only)
+    abstract: Any             # the state's ShapeDtypeStructs with shardings: what a checkpoint restores into
+    make_step: Callable       # () -> compiled step(state, sharded batch, key) -> (state, metrics)
+    batches: Callable         # (seed, start_step) -> iterator of host batches, with close()
+    summarize: Callable       # the tick's metrics (host values, one dict per step) -> record fields
+    tick_text: Callable       # a tick record -> its log line after the progress text
+    write_config: Callable = lambda: None  # the run's config file(s); only once a resume is validated
+    snapshot: Optional[Callable] = None    # (state, step, first) -> text of what it wrote beside the checkpoint
+    finish: Callable = lambda state, trained: state  # (final state, whether steps ran) -> the run's result
+    checkpoint_meta: Mapping = dataclasses.field(default_factory=dict)  # extra metadata of every checkpoint
+    restore_hint: Callable = lambda: ""    # appended to a checkpoint error (what changed in the config)
+    done_text: str = ""                    # appended to the final log line
+
+
+def _step_of(state) -> int:
+    return int(jax.device_get(state["step"] if isinstance(state, Mapping) else state.step))
+
+
+def _params_of(state):
+    return state["params"] if isinstance(state, Mapping) else state.params
+
+
+def run_loop(workdir: str, setup: Callable, *, matmul_precision=None, compilation_cache_dir=None, console=None):
+    """The one training skeleton: `setup(mesh) -> (Objective, Schedule)` inside the run's lock and logs,
+    then resume, the loop, ticks, snapshots; returns `objective.finish(state, trained)` (the state if
+    stopped by a signal). `console`: the stream log lines are echoed to (default stderr)."""
     from edm_jax import data as data_lib
     from edm_jax import progress as progress_lib
-    from edm_jax.checkpoint import CheckpointError, Checkpointer
-    from edm_jax.interop.rundir import process_from_config
+    from edm_jax.checkpoint import CheckpointError
     from edm_jax.interrupts import GracefulStop
 
     t_start = time.time()
-    tc, sc = config.train, config.sample
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     from edm_jax.interop.runlock import WorkdirLock
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None  # before anything is written
     try:
-        logs = _Logs(workdir, active=jax.process_index() == 0)
+        logs = _Logs(workdir, active=jax.process_index() == 0, stream=console)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
-    if tc.get("compilation_cache_dir"):
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(tc.compilation_cache_dir))
+    if compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(compilation_cache_dir))
     ckpt = stream = None
     step_batch = None  # examples per device and round, once the train step runs (for the out-of-memory advice)
     stop = GracefulStop()
     try:
-        with stop, jax.default_matmul_precision(tc.get("matmul_precision") or None):
-
-            # ---- Devices and the batch split (training_loop.py: batch_gpu, num_accumulation_rounds).
+        with stop, jax.default_matmul_precision(matmul_precision):
             mesh = make_mesh()
-            global_batch = int(tc.batch_size)
-            per_device, rounds = plan_batch(global_batch, mesh.size, tc.get("batch_per_device"))
-            total_steps = int(math.ceil(float(tc.total_kimg) * 1000 / global_batch))
-            steps_per_tick = max(1, int(math.ceil(float(tc.tick_kimg) * 1000 / global_batch)))
-            snapshot_every = steps_per_tick * max(1, int(tc.snapshot_ticks))
-            dump_ticks = int(tc.get("state_dump_ticks") or 0)
-            if dump_ticks % max(1, int(tc.snapshot_ticks)):
-                raise ValueError(f"train.state_dump_ticks={dump_ticks} is not a multiple of train.snapshot_ticks="
-                                 f"{tc.snapshot_ticks}, so no checkpoint would be kept; make it a multiple (or 0)")
-
-            # ---- Data (train.py's dataset_kwargs); label_dim 0 when unconditional.
-            data_kwargs = _as_dict(config.data)
-            xflip = bool(data_kwargs.pop("xflip", False))
-            # Image files: each process decodes only the images its rows of the run's batches read (from step
-            # 0, since the step resumed from is known only after the network is built from the data's shape).
-            seed = int(tc.seed)
-            only = functools.partial(data_lib.host_indices, stop_step=total_steps, global_batch=global_batch,
-                                     seed=seed, process_index=jax.process_index(), process_count=jax.process_count())
-            dataset = data_lib.load_dataset(**data_kwargs, only=only)
-            label_dim = dataset.label_dim if config.data.get("use_labels", True) else 0
-            shape = (dataset.resolution, dataset.resolution, dataset.channels)
-            log.info("data: %r, %d images of %s, label_dim %d", dataset.name, len(dataset), "x".join(map(str, shape)),
-                     label_dim)
-            if dataset.decoded is not None:  # every process says it (the log is process 0's)
-                print(f"data: process {jax.process_index()} of {jax.process_count()} decoded "
-                      f"{int(dataset.decoded.sum())} of {len(dataset)} images (those its batches read)", flush=True)
-
-            # ---- Process (preconditioning + loss), network, augmentation (train.py's network/loss/augment kwargs).
-            augment = _as_dict(config.augment)
-            augment_p = float(augment.pop("p", 0.0))
-            unknown = sorted(set(augment) - set(_SAMPLE_AUGMENT_KEYS) - set(_APPLY_AUGMENT_KEYS))
-            if unknown:
-                raise ValueError(f"the augment section has unknown field(s) {unknown}; valid: p, "
-                                 f"{', '.join(_SAMPLE_AUGMENT_KEYS + _APPLY_AUGMENT_KEYS)}")
-            augment_dim = AUGMENT_DIM if augment_p > 0 else 0
-            process = process_from_config(config)
-            in_channels, out_channels = process.network_channels(shape[2])
-            module = build_network(_as_dict(config.model), resolution=shape[0], channels=in_channels,
-                                   label_dim=label_dim, augment_dim=augment_dim, out_channels=out_channels)
-            tx = make_optimizer(tc.lr, tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.get("grad_clip_norm"))
-            log.info("devices: %d x %s in %d process(es); global batch %d = %d per device x %d round(s); %d steps "
-                     "(%.1f kimg), %d per tick, snapshot every %d", mesh.size, jax.devices()[0].device_kind,
-                     jax.process_count(), global_batch, per_device, rounds, total_steps,
-                     total_steps * global_batch / 1000, steps_per_tick, snapshot_every)
-
-            # ---- State: the newest loadable checkpoint, or a fresh initialisation.
-            # XLA:CPU spends minutes optimising the initialisers' random draws, which run once: skip that there.
-            cpu_init = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-            net_shape = (*shape[:2], in_channels)  # the network's input: the process's state, not always the image
-            init = lambda key, options=None: create_train_state(key, module, net_shape, label_dim, augment_dim, tx,
-                                                                mesh, compiler_options=options)
-            rep = _replicated(mesh)
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                                    jax.eval_shape(init, jax.random.key(seed)))
-            ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.get("max_to_keep", 3),
-                                keep_period=snapshot_every * dump_ticks // max(1, int(tc.snapshot_ticks)) or None,
-                                async_save=tc.get("async_checkpointing", True))
-            try:
-                restored = ckpt.restore_latest(abstract, move_damaged=logs.active)
-            except CheckpointError as e:
-                raise CheckpointError(f"{e}{_config_changes(workdir, config)}") from None
-            if restored is None:
-                state = init(jax.random.fold_in(jax.random.key(seed), 0), cpu_init)
-                log.info("new run: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
-            else:
-                state, meta = restored
-                if int(meta["global_batch"]) != global_batch:
-                    raise ValueError(f"the checkpoint at step {meta['step']} in {ckpt.directory} was trained with "
-                                     f"train.batch_size={meta['global_batch']}, this config says {global_batch}; "
-                                     f"set train.batch_size={meta['global_batch']} or use a new --workdir")
-                if int(meta["seed"]) != seed:
-                    log.warning("train.seed=%d differs from the checkpoint's seed %d; continuing with %d so that "
-                                "the run stays reproducible", seed, meta["seed"], meta["seed"])
-                    seed = int(meta["seed"])
-                    if dataset.decoded is not None:  # the stream, hence this host's images, follow the seed
-                        dataset = data_lib.load_dataset(**data_kwargs, only=functools.partial(only, seed=seed))
-                log.info("resumed from %s/%d: step %d, %.1f kimg", ckpt.directory, meta["step"], meta["step"],
-                         meta["nimg"] / 1000)
-                changed = resume_changes(meta.get("config") or {}, json.loads(config.to_json_best_effort()))
-                if changed:
-                    log.warning("resuming step %d with %s; the checkpoint was trained with the old value(s)",
-                                meta["step"], ", ".join(changed))
-            # Validated: only now the workdir's config.json may change (a refused rerun leaves it as it was).
-            resolved = json.loads(config.to_json_best_effort())
-            if logs.active:
-                with open(os.path.join(workdir, "config.json"), "w") as f:
-                    f.write(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-            start_step = int(jax.device_get(state.step))
+            objective, plan = setup(mesh)
+            ckpt, state, seed = _resume(objective, plan, workdir, logs)
+            objective.write_config()
+            start_step = _step_of(state)
             logs.truncate_metrics(start_step)
-            if start_step >= total_steps:
-                log.info("nothing to do: the newest checkpoint is at step %d of %d", start_step, total_steps)
-                return state
-
-            # ---- The compiled step and the snapshot sampler.
-            step_fn = compile_train_step(make_train_step(
-                apply_fn=module.apply, process=process, tx=tx, global_batch=global_batch,
-                num_rounds=rounds, base_lr=tc.lr, lr_rampup_img=tc.lr_rampup_kimg * 1000,
-                ema_halflife_img=tc.ema_halflife_kimg * 1000, ema_rampup_ratio=tc.ema_rampup_ratio,
-                ema_decay=tc.get("ema_decay"),
-                loss_scaling=tc.loss_scaling, augment_p=augment_p, augment_kwargs=augment, mesh=mesh), mesh)
-            grid = None
-            if int(sc.num_images) > 0:
-                # The sample section's sampler fields, as the process's overrides (one path, as --mode=sample).
-                overrides = {k: v for k, v in _as_dict(sc).items() if k not in ("num_images", "seed")}
-                grid = make_grid_sampler(module, process, mesh=mesh, shape=shape, label_dim=label_dim,
-                                         num_images=int(sc.num_images), seed=int(sc.seed),
-                                         settings=process.sampler_settings(**overrides))
-            samples_dir = os.path.join(workdir, "samples")
-            os.makedirs(samples_dir, exist_ok=True)
+            if start_step >= plan.total_steps:
+                log.info("nothing to do: the newest checkpoint is at step %d of %d", start_step, plan.total_steps)
+                return objective.finish(state, False)
+            step_fn = objective.make_step()
             train_key = jax.random.fold_in(jax.random.key(seed), 1)
+            global_batch, total_steps, steps_per_tick = plan.global_batch, plan.total_steps, plan.steps_per_tick
 
             def snapshot(state, step):
-                """Checkpoint (async) and sample grid; returns the seconds spent (the reference's maintenance)."""
+                """Checkpoint (async) and the objective's outputs; returns the seconds spent (maintenance)."""
                 t0 = time.time()
                 nimg = step * global_batch
-                saved = ckpt.save(step, state, {"step": step, "nimg": nimg, "kimg": nimg / 1000, "config": resolved,
-                                                "global_batch": global_batch, "seed": seed, "time": time.time()})
-                path = "none (sample.num_images is 0)"
-                if grid is not None:
-                    with progress_lib.phase(f"sampling the snapshot grid ({int(sc.num_images)} images, "
-                                            f"{int(sc.num_steps)} steps{'; compiles first' if step == first else ''})"):
-                        images = grid(state.variables(ema=True))
-                    path = os.path.join(samples_dir, f"samples-{nimg // 1000:06d}kimg-step{step:07d}.png")
-                    if logs.active:
-                        save_image_grid(images, path)
-                log.info("snapshot at step %d: checkpoint %s%s, samples %s", step,
-                         os.path.join(ckpt.directory, str(step)), "" if saved else " (already there)", path)
+                saved = ckpt.save(step, state, {"step": step, "nimg": nimg, "kimg": nimg / 1000,
+                                                **objective.checkpoint_meta, "global_batch": global_batch,
+                                                "seed": seed, "time": time.time()})
+                extra = objective.snapshot(state, step, step == first) if objective.snapshot else ""
+                log.info("snapshot at step %d: checkpoint %s%s%s", step, os.path.join(ckpt.directory, str(step)),
+                         "" if saved else " (already there)", extra)
                 return time.time() - t0
 
             # ---- The loop (training_loop.py's while True), with one host sync per tick.
-            stream = data_lib.batches(dataset, global_batch=global_batch, seed=seed, start_step=start_step,
-                                      process_index=jax.process_index(), process_count=jax.process_count(),
-                                      xflip=xflip, use_labels=label_dim > 0)
+            stream = objective.batches(seed, start_step)
             log.info("training from step %d to %d", start_step, total_steps)
-            step_batch = per_device
+            step_batch = plan.batch_per_device
             step, pending, last, first = start_step, [], {}, start_step + 1
             tick_start_step, tick_start_time, maintenance = step, time.time(), 0.0
-            progress = progress_lib.Progress(start_step, total_steps, float(tc.get("progress_sec", 30.0)))
+            progress = progress_lib.Progress(start_step, total_steps, plan.progress_sec)
             log.info("compiling the train step (the first step includes it)...")
             while step < total_steps:
                 state, metrics = step_fn(state, shard_batch(next(stream), mesh), train_key)
@@ -751,27 +654,21 @@ def train_and_evaluate(config, workdir: str):
                 dt = time.time() - tick_start_time
                 n = (step - tick_start_step) * global_batch
                 last = {"step": step, "tick": step // steps_per_tick, "kimg": step * global_batch / 1000,
-                        "loss": float(np.mean([m["loss"] for m in pending])), "lr": float(pending[-1]["lr"]),
-                        "ema_beta": float(pending[-1]["ema_beta"]),
-                        "nonfinite_grads": float(np.sum([m["nonfinite_grads"] for m in pending])),
+                        **objective.summarize(pending),
                         "sec_per_tick": dt, "sec_per_kimg": dt / (n / 1000), "img_per_sec": n / dt,
                         "maintenance_sec": maintenance, "time": time.time()}
                 logs.metrics(last)
                 progress.ticked()
-                log.info("%s tick %-5d kimg %-9.1f loss %-8.4f lr %.2e ema_beta %.6f sec/tick %-7.1f sec/kimg %-7.3f "
-                         "img/s %-7.1f maint %-5.1f %s%s", progress.text(step), last["tick"], last["kimg"], last["loss"], last["lr"],
-                         last["ema_beta"], dt, last["sec_per_kimg"], last["img_per_sec"], maintenance,
-                         _memory_text(),
-                         f" nonfinite_grads {last['nonfinite_grads']:.0f}" if last["nonfinite_grads"] else "")
+                log.info("%s %s", progress.text(step), objective.tick_text(last))
                 pending, maintenance = [], 0.0
-                if step == 1 or step % snapshot_every == 0 or done:
+                if step == 1 or step % plan.snapshot_every == 0 or done:
                     maintenance = snapshot(state, step)
                 tick_start_step, tick_start_time = step, time.time()
             ckpt.wait()
             log.info("done: step %d, %.1f kimg; this process ran steps %d-%d in %s; last tick's loss %.4f; "
-                     "checkpoints in %s; sample grids in %s", step, step * global_batch / 1000, start_step, step,
-                     _hms(time.time() - t_start), last.get("loss", float("nan")), ckpt.directory, samples_dir)
-            return state
+                     "checkpoints in %s%s", step, step * global_batch / 1000, start_step, step,
+                     _hms(time.time() - t_start), last.get("loss", float("nan")), ckpt.directory, objective.done_text)
+            return objective.finish(state, True)
     except (ValueError, OSError, CheckpointError, data_lib.DatasetUnavailableError) as e:
         logs.fatal(f"error: {e}")  # the same sentence main.py prints last, in log.txt too
         raise
@@ -811,6 +708,199 @@ def resume_changes(old: Mapping, new: Mapping) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k.startswith(RESUME_WATCHED) and a.get(k) != b.get(k)]
+
+
+def _resume(objective: Objective, plan: Schedule, workdir: str, logs):
+    """(checkpointer, state, seed): the newest loadable checkpoint, or a fresh initialisation."""
+    from edm_jax.checkpoint import CheckpointError, Checkpointer
+
+    seed = plan.seed
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=plan.max_to_keep,
+                        keep_period=plan.keep_period, async_save=plan.async_save)
+    try:
+        restored = ckpt.restore_latest(objective.abstract, move_damaged=logs.active)
+    except CheckpointError as e:
+        ckpt.close()
+        raise CheckpointError(f"{e}{objective.restore_hint()}") from None
+    except BaseException:
+        ckpt.close()
+        raise
+    if restored is None:
+        state = objective.init(jax.random.fold_in(jax.random.key(seed), 0))
+        log.info("new run: %s parameters", f"{sum(x.size for x in jax.tree.leaves(_params_of(state))):,}")
+        return ckpt, state, seed
+    state, meta = restored
+    if int(meta["global_batch"]) != plan.global_batch:
+        ckpt.close()
+        raise ValueError(f"the checkpoint at step {meta['step']} in {ckpt.directory} was trained with "
+                         f"train.batch_size={meta['global_batch']}, this config says {plan.global_batch}; "
+                         f"set train.batch_size={meta['global_batch']} or use a new --workdir")
+    if int(meta["seed"]) != seed:
+        log.warning("train.seed=%d differs from the checkpoint's seed %d; continuing with %d so that "
+                    "the run stays reproducible", seed, meta["seed"], meta["seed"])
+        seed = int(meta["seed"])
+    log.info("resumed from %s/%d: step %d, %.1f kimg", ckpt.directory, meta["step"], meta["step"],
+             meta["nimg"] / 1000)
+    changed = resume_changes(meta.get("config") or {}, objective.checkpoint_meta.get("config") or {})
+    if changed:
+        log.warning("resuming step %d with %s; the checkpoint was trained with the old value(s)",
+                    meta["step"], ", ".join(changed))
+    return ckpt, state, seed
+
+
+def train_and_evaluate(config, workdir: str):
+    """Train as the config says, in `workdir`, resuming from its newest checkpoint if there is one.
+
+    config: an ml_collections ConfigDict with sections data, model, process (older run directories: precond +
+      loss), augment, train, sample (configs/cifar10_edm.py lists every field). workdir: the run directory; it receives checkpoints/
+      (orbax: train state incl. EMA and Adam, step = data position, seed), config.json (the resolved
+      config), log.txt, metrics.jsonl (one record per tick) and samples/ (a PNG grid of EMA samples per
+      snapshot). Returns the final TrainState.
+
+    Ticks and snapshots follow training_loop.py: a tick is `train.tick_kimg` of images (the first tick ends
+    after the first step); a snapshot (checkpoint + sample grid) every `train.snapshot_ticks` ticks, after
+    the first step, and at the end; checkpoints at multiples of `train.state_dump_ticks` ticks are kept
+    forever, the others only while among the newest `train.max_to_keep`. Tick boundaries are multiples of
+    the steps per tick (not restarted on resume), so a resumed run snapshots where an uninterrupted one does.
+    """
+    maybe_initialize_distributed()
+    _require(config, "data", "model", "augment", "train", "sample")
+    tc = config.train
+    return run_loop(workdir, lambda mesh: _diffusion_objective(config, os.path.abspath(os.path.expanduser(workdir)),
+                                                               mesh),
+                    matmul_precision=tc.get("matmul_precision") or None,
+                    compilation_cache_dir=tc.get("compilation_cache_dir"))
+
+
+def _diffusion_objective(config, workdir: str, mesh: Mesh):
+    """(Objective, Schedule) of the diffusion model: data, process, network, optimizer, train step, grids."""
+    from edm_jax import data as data_lib
+    from edm_jax import progress as progress_lib
+    from edm_jax.interop.rundir import process_from_config
+
+    tc, sc = config.train, config.sample
+    # ---- Devices and the batch split (training_loop.py: batch_gpu, num_accumulation_rounds).
+    global_batch = int(tc.batch_size)
+    per_device, rounds = plan_batch(global_batch, mesh.size, tc.get("batch_per_device"))
+    total_steps = int(math.ceil(float(tc.total_kimg) * 1000 / global_batch))
+    steps_per_tick = max(1, int(math.ceil(float(tc.tick_kimg) * 1000 / global_batch)))
+    snapshot_every = steps_per_tick * max(1, int(tc.snapshot_ticks))
+    dump_ticks = int(tc.get("state_dump_ticks") or 0)
+    if dump_ticks % max(1, int(tc.snapshot_ticks)):
+        raise ValueError(f"train.state_dump_ticks={dump_ticks} is not a multiple of train.snapshot_ticks="
+                         f"{tc.snapshot_ticks}, so no checkpoint would be kept; make it a multiple (or 0)")
+
+    # ---- Data (train.py's dataset_kwargs); label_dim 0 when unconditional.
+    data_kwargs = _as_dict(config.data)
+    xflip = bool(data_kwargs.pop("xflip", False))
+    # Image files: each process decodes only the images its rows of the run's batches read (from step 0,
+    # since the step resumed from is known only after the network is built from the data's shape).
+    only = functools.partial(data_lib.host_indices, stop_step=total_steps, global_batch=global_batch,
+                             seed=int(tc.seed), process_index=jax.process_index(), process_count=jax.process_count())
+    dataset = data_lib.load_dataset(**data_kwargs, only=only)
+    label_dim = dataset.label_dim if config.data.get("use_labels", True) else 0
+    shape = (dataset.resolution, dataset.resolution, dataset.channels)
+    log.info("data: %r, %d images of %s, label_dim %d", dataset.name, len(dataset), "x".join(map(str, shape)),
+             label_dim)
+    if dataset.decoded is not None:  # every process says it (the log is process 0's)
+        print(f"data: process {jax.process_index()} of {jax.process_count()} decoded "
+              f"{int(dataset.decoded.sum())} of {len(dataset)} images (those its batches read)", flush=True)
+
+    # ---- Process (preconditioning + loss), network, augmentation (train.py's network/loss/augment kwargs).
+    augment = _as_dict(config.augment)
+    augment_p = float(augment.pop("p", 0.0))
+    unknown = sorted(set(augment) - set(_SAMPLE_AUGMENT_KEYS) - set(_APPLY_AUGMENT_KEYS))
+    if unknown:
+        raise ValueError(f"the augment section has unknown field(s) {unknown}; valid: p, "
+                         f"{', '.join(_SAMPLE_AUGMENT_KEYS + _APPLY_AUGMENT_KEYS)}")
+    augment_dim = AUGMENT_DIM if augment_p > 0 else 0
+    process = process_from_config(config)
+    in_channels, out_channels = process.network_channels(shape[2])
+    module = build_network(_as_dict(config.model), resolution=shape[0], channels=in_channels,
+                           label_dim=label_dim, augment_dim=augment_dim, out_channels=out_channels)
+    tx = make_optimizer(tc.lr, tc.adam_b1, tc.adam_b2, tc.adam_eps, tc.get("grad_clip_norm"))
+    log.info("devices: %d x %s in %d process(es); global batch %d = %d per device x %d round(s); %d steps "
+             "(%.1f kimg), %d per tick, snapshot every %d", mesh.size, jax.devices()[0].device_kind,
+             jax.process_count(), global_batch, per_device, rounds, total_steps,
+             total_steps * global_batch / 1000, steps_per_tick, snapshot_every)
+
+    # ---- State: what a checkpoint restores into, or a fresh initialisation.
+    # XLA:CPU spends minutes optimising the initialisers' random draws, which run once: skip that there.
+    cpu_init = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    net_shape = (*shape[:2], in_channels)  # the network's input: the process's state, not always the image
+    init = lambda key, options=None: create_train_state(key, module, net_shape, label_dim, augment_dim, tx,
+                                                        mesh, compiler_options=options)
+    rep = _replicated(mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            jax.eval_shape(init, jax.random.key(int(tc.seed))))
+    resolved = json.loads(config.to_json_best_effort())
+    samples_dir = os.path.join(workdir, "samples")
+
+    def write_config():
+        """Validated: only now the workdir's config.json may change (a refused rerun leaves it as it was)."""
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+
+    # ---- The compiled step and the snapshot sampler.
+    def make_step():
+        os.makedirs(samples_dir, exist_ok=True)
+        return compile_train_step(make_train_step(
+            apply_fn=module.apply, process=process, tx=tx, global_batch=global_batch,
+            num_rounds=rounds, base_lr=tc.lr, lr_rampup_img=tc.lr_rampup_kimg * 1000,
+            ema_halflife_img=tc.ema_halflife_kimg * 1000, ema_rampup_ratio=tc.ema_rampup_ratio,
+            ema_decay=tc.get("ema_decay"), loss_scaling=tc.loss_scaling, augment_p=augment_p,
+            augment_kwargs=augment, mesh=mesh), mesh)
+
+    grids = []  # the snapshot sampler, built with the first snapshot (a finished run needs none)
+
+    def snapshot(state, step, first):
+        path = "none (sample.num_images is 0)"
+        if int(sc.num_images) > 0:
+            if not grids:
+                # The sample section's sampler fields, as the process's overrides (one path, as --mode=sample).
+                overrides = {k: v for k, v in _as_dict(sc).items() if k not in ("num_images", "seed")}
+                grids.append(make_grid_sampler(module, process, mesh=mesh, shape=shape, label_dim=label_dim,
+                                               num_images=int(sc.num_images), seed=int(sc.seed),
+                                               settings=process.sampler_settings(**overrides)))
+            with progress_lib.phase(f"sampling the snapshot grid ({int(sc.num_images)} images, "
+                                    f"{int(sc.num_steps)} steps{'; compiles first' if first else ''})"):
+                images = grids[0](state.variables(ema=True))
+            path = os.path.join(samples_dir, f"samples-{step * global_batch // 1000:06d}kimg-step{step:07d}.png")
+            if jax.process_index() == 0:
+                save_image_grid(images, path)
+        return f", samples {path}"
+
+    def summarize(pending):
+        return {"loss": float(np.mean([m["loss"] for m in pending])), "lr": float(pending[-1]["lr"]),
+                "ema_beta": float(pending[-1]["ema_beta"]),
+                "nonfinite_grads": float(np.sum([m["nonfinite_grads"] for m in pending]))}
+
+    def tick_text(r):
+        return (f"tick {r['tick']:<5d} kimg {r['kimg']:<9.1f} loss {r['loss']:<8.4f} lr {r['lr']:.2e} ema_beta "
+                f"{r['ema_beta']:.6f} sec/tick {r['sec_per_tick']:<7.1f} sec/kimg {r['sec_per_kimg']:<7.3f} img/s "
+                f"{r['img_per_sec']:<7.1f} maint {r['maintenance_sec']:<5.1f} {_memory_text()}"
+                + (f" nonfinite_grads {r['nonfinite_grads']:.0f}" if r["nonfinite_grads"] else ""))
+
+    def batches(seed, start_step):
+        data = dataset
+        if seed != int(tc.seed) and dataset.decoded is not None:  # resumed with the checkpoint's seed: the
+            data = data_lib.load_dataset(**data_kwargs, only=functools.partial(only, seed=seed))  # stream's images
+        return data_lib.batches(data, global_batch=global_batch, seed=seed, start_step=start_step,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                xflip=xflip, use_labels=label_dim > 0)
+
+    objective = Objective(init=lambda key: init(key, cpu_init), abstract=abstract, make_step=make_step,
+                          batches=batches, summarize=summarize, tick_text=tick_text, write_config=write_config,
+                          snapshot=snapshot, checkpoint_meta={"config": resolved},
+                          restore_hint=lambda: _config_changes(workdir, config),
+                          done_text=f"; sample grids in {samples_dir}")
+    schedule = Schedule(total_steps=total_steps, steps_per_tick=steps_per_tick, snapshot_every=snapshot_every,
+                        global_batch=global_batch, seed=int(tc.seed), max_to_keep=tc.get("max_to_keep", 3),
+                        keep_period=snapshot_every * dump_ticks // max(1, int(tc.snapshot_ticks)) or None,
+                        async_save=tc.get("async_checkpointing", True),
+                        progress_sec=float(tc.get("progress_sec", 30.0)), batch_per_device=per_device)
+    return objective, schedule
 
 
 def _config_changes(workdir: str, config) -> str:

@@ -438,3 +438,33 @@ def test_sampling_reads_the_training_run(background_runs):
                                         mesh=generate.make_mesh(jax.devices()[:1]))
     images, labels = sample_fn.sample_seeds([0, 1])
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (2,)
+
+
+def test_snapshot_grid_cells_are_the_sample_modes_images(tmp_path):
+    """Grid cell s of a training snapshot is what --mode=sample's path (load_model, the sample section's
+    settings, make_sample_fn, generate) writes for seed s of that snapshot, byte for byte."""
+    import PIL.Image
+
+    from edm_jax import generate
+
+    config = _load_config("quickstart")
+    config.data.synthetic.update(n=64, resolution=8)
+    config.model.update(model_channels=8, channel_mult=(1,), channel_mult_emb=1, attn_resolutions=(), dropout=0.0)
+    config.train.update(batch_size=16, total_kimg=0.016, async_checkpointing=False)  # one step, one snapshot
+    config.sample.update(num_images=5, num_steps=2, seed=3)
+    train.train_and_evaluate(config, str(tmp_path))
+    (grid_path,) = (tmp_path / "samples").glob("samples-*.png")
+    grid = np.asarray(PIL.Image.open(grid_path))
+
+    model = generate.load_model(workdir=str(tmp_path))
+    overrides = {k: v for k, v in config.sample.to_dict().items() if k not in ("num_images", "seed")}
+    sample_fn = generate.make_sample_fn(model.denoise, image_shape=model.image_shape, label_dim=model.label_dim,
+                                        settings=model.process.sampler_settings(**overrides), process=model.process,
+                                        mesh=generate.make_mesh())
+    generate.generate(sample_fn, [0, 4], batch=8, outdir=str(tmp_path / "out"), base_seed=3)
+    zoom, cols = 8, 3  # 8x8 tiles zoomed to 64 px; 5 images -> 3 columns
+    for s in (0, 4):
+        r, q = divmod(s, cols)
+        cell = grid[r * 64:(r + 1) * 64:zoom, q * 64:(q + 1) * 64:zoom]
+        png = np.asarray(PIL.Image.open(generate.image_path(str(tmp_path / "out"), s)))
+        np.testing.assert_array_equal(cell, png)

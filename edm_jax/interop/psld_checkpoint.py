@@ -422,3 +422,26 @@ def convert_psld_checkpoint(path, workdir, network_kwargs: Mapping, process: Map
     module, variables = load_psld_checkpoint(path, network_kwargs, ema=ema)
     config = _converted_config(path, module, network_kwargs, process, ema)
     return convert.write_converted(workdir, variables, config, f"PSLD SongUNet ({config['weights']}) from {path}")
+
+
+def network_kwargs_from_config(config, path, config_name=None) -> dict:
+    """SongUNet kwargs for the PSLD checkpoint `path`, which holds no hyperparameters: the config's `model`
+    section (minus name, dtype) and its `network_io` section. `config_name` names the config in errors."""
+    if config is None:
+        raise ValueError(f"{path} is a PyTorch Lightning checkpoint, which holds no network settings; pass the "
+                         "config it was trained with, e.g. --config=configs/cifar10_psld.py")
+    model, io = config.get("model"), config.get("network_io")
+    if model is None or io is None or model.get("name", "SongUNet") != "SongUNet":
+        raise ValueError(f"config {config_name} lacks a SongUNet model section and a network_io section "
+                         "(img_resolution, in_channels, out_channels); see configs/cifar10_psld.py")
+    kwargs = {k: v for k, v in model.to_dict().items() if k not in ("name", "dtype")}
+    kwargs.update(io.to_dict())
+    return kwargs
+
+
+def convert_from_config(path, workdir, config, config_name=None) -> str:
+    """`convert_psld_checkpoint` with the network from the config; its process section is recorded as given
+    (the file holds none)."""
+    kwargs = network_kwargs_from_config(config, path, config_name)  # first: it names a missing config
+    process = config.get("process")
+    return convert_psld_checkpoint(path, workdir, kwargs, process=None if process is None else process.to_dict())

@@ -19,7 +19,7 @@ import time
 
 __all__ = ["WorkdirLock", "WorkdirLockedError"]
 
-log = logging.getLogger("edm_jax")
+log = logging.getLogger(__name__)
 LOCK_FILE = "run.lock"
 
 
