@@ -6,6 +6,9 @@ Both samplers integrate the probability-flow ODE (Eq. 4)
 
 from t_0 down to t_N = 0 with Euler or Heun steps, optionally adding "churn" noise before each step
 (Algorithm 2: σ is raised from t_i to t̂_i = t_i (1 + γ_i) and fresh noise of variance t̂² − t_i² is added).
+Comments "Alg. 2 line k" below point at the line of the paper's Algorithm 2 that a constant or an
+array operation implements; with σ(t) = t and s(t) = 1 (edm_sampler) the generalised forms here reduce
+to exactly that line (p = q = 1/t̂, scale = 1, inv_s = 1), and other σ(t), s(t) are Algorithm 1's forms.
 
 Every scalar of every step (t̂, σ(t̂), s(t̂), σ'/σ, …) depends only on hyperparameters, so it is computed
 once on the host in float64 (as the reference does) and fed to the scan as per-step constants; the scan
@@ -42,18 +45,18 @@ class _Plan(NamedTuple):
     t' = t̂ + αh (the "prime" entries); x_{i+1} = x̂ + h·(w1·d + w2·d').
     """
 
-    scale: np.ndarray
-    noise_std: np.ndarray
-    sigma_hat: np.ndarray
-    inv_s_hat: np.ndarray
-    p_hat: np.ndarray
+    scale: np.ndarray        # s(t̂_i)/s(t_i); 1 in Alg. 2 line 6 (x̂_i starts from x_i itself)
+    noise_std: np.ndarray    # √(t̂_i² − t_i²)·S_noise (times s(t̂_i)): Alg. 2 lines 4 and 6's noise scale
+    sigma_hat: np.ndarray    # t̂_i = t_i + γ_i t_i, the σ the first D call sees: Alg. 2 line 5
+    inv_s_hat: np.ndarray    # 1/s(t̂_i); 1 in Alg. 2 (D is evaluated at x̂_i itself, line 7)
+    p_hat: np.ndarray        # p, q of d_i = p·x̂_i − q·D(x̂_i; t̂_i); both 1/t̂_i in Alg. 2 line 7
     q_hat: np.ndarray
-    h: np.ndarray
-    sigma_prime: np.ndarray
-    inv_s_prime: np.ndarray
+    h: np.ndarray            # t_{i+1} − t̂_i, the step of Alg. 2 lines 8 and 11
+    sigma_prime: np.ndarray  # t_{i+1} (α = 1), the σ of the second D call: Alg. 2 line 10
+    inv_s_prime: np.ndarray  # as the "hat" entries, at t_{i+1}: d'_i of Alg. 2 line 10
     p_prime: np.ndarray
     q_prime: np.ndarray
-    x0_scale: float
+    x0_scale: float          # t_0 (times s(t_0)): x_0 = t_0 · unit normals, Alg. 2 line 2
     alpha: float
 
 
@@ -150,19 +153,21 @@ def _run(denoise_fn: Callable, latents, class_labels, plan: _Plan, heun: bool, k
         return p * x - q * jnp.asarray(denoised, dtype)
 
     def step(x, c, second_order):
-        eps = step_noise(c)
-        x_hat = c["scale"] * x if eps is None else c["scale"] * x + c["noise_std"] * eps
-        d = evaluate(x_hat, c["sigma_hat"], c["inv_s_hat"], c["p_hat"], c["q_hat"])
-        if not second_order:
-            return x_hat + c["h"] * d
-        x_prime = x_hat + plan.alpha * c["h"] * d
-        d_prime = evaluate(x_prime, c["sigma_prime"], c["inv_s_prime"], c["p_prime"], c["q_prime"])
+        eps = step_noise(c)                                                      # Alg. 2 line 4
+        x_hat = c["scale"] * x if eps is None else c["scale"] * x + c["noise_std"] * eps  # line 6 (t̂: line 5)
+        d = evaluate(x_hat, c["sigma_hat"], c["inv_s_hat"], c["p_hat"], c["q_hat"])      # line 7
+        if not second_order:  # the last step (t_{i+1} = 0, line 9 false) or the Euler solver
+            return x_hat + c["h"] * d                                            # line 8
+        x_prime = x_hat + plan.alpha * c["h"] * d                                # line 8 (α = 1)
+        d_prime = evaluate(x_prime, c["sigma_prime"], c["inv_s_prime"], c["p_prime"], c["q_prime"])  # line 10
         w = 1 / (2 * plan.alpha)
-        return x_hat + c["h"] * ((1 - w) * d + w * d_prime)
+        return x_hat + c["h"] * ((1 - w) * d + w * d_prime)                      # line 11 (½, ½ at α = 1)
 
-    x = latents.astype(dtype) * jnp.asarray(plan.x0_scale, dtype)
+    x = latents.astype(dtype) * jnp.asarray(plan.x0_scale, dtype)                # Alg. 2 line 2
     body = {k: v[:-1] for k, v in consts.items()}
+    # Alg. 2 line 3's loop: steps 0 … N−2 in the scan, where t_{i+1} ≠ 0 (line 9 true) ...
     x, _ = jax.lax.scan(lambda x, c: (step(x, c, heun), None), x, body)
+    # ... and step N−1, which lands on t_N = 0 (line 9 false), outside it; its result is x_N (line 12).
     return step(x, {k: v[-1] for k, v in consts.items()}, False)
 
 
