@@ -213,6 +213,27 @@ def test_checkpoints_cross_over_and_a_killed_peer_resumes(trained, launch):
     assert worst <= 1e-5, worst
 
 
+def test_sigterm_to_one_process_stops_both_at_one_step(trained, launch):
+    """A scheduler's SIGTERM reaches one host: both processes stop after the same step (JAX's preemption
+    sync point), save that step's checkpoint together and exit 0; the rerun resumes from it."""
+    workdir = trained["root"] / "stopped"
+    p0, p1 = launch(_tiny(trained["zip"], 1000) + [f"--workdir={workdir}"])
+    try:
+        _wait_until(lambda: (workdir / "checkpoints").is_dir() and 2 in _steps(workdir), [p0, p1], "checkpoint 2")
+        p1.send_signal(signal.SIGTERM)
+        (rc0, out0), (rc1, out1) = _finish([p0, p1], timeout=120)
+    finally:
+        _finish([p0, p1], timeout=10)
+    assert rc0 == 0 and rc1 == 0, (out0[-2000:], out1[-2000:])
+    m = re.search(r"stopped by (\S+) at step (\d+)/1000", out0)
+    assert m, out0[-3000:]
+    stopped = int(m.group(2))
+    assert 2 <= stopped < 1000 and _steps(workdir)[-1] == stopped  # saved by both, complete, nothing after it
+    (p,) = launch(_tiny(trained["zip"], stopped + 2) + [f"--workdir={workdir}"], processes=1, devices=8)
+    (out,) = _ok(_finish([p]))
+    assert f"resumed from {workdir}/checkpoints/{stopped}: step {stopped}" in out, out[-3000:]
+
+
 def _files(folder):
     """{relative path: bytes} of every file under `folder`, but the hidden temporaries a SIGKILL can leave."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
