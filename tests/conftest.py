@@ -3,11 +3,7 @@
 import os
 
 # Must happen before JAX initialises its backends (DESIGN.md: tests run on 8 simulated CPU devices).
-# XLA's CPU backend optimisation off, here and in every `main.py` subprocess (they inherit it): the test
-# programs are tiny, so LLVM's passes cost most of the suite's time in compiling and save milliseconds of
-# running; results move by rounding only (see `jit_fast`), and every comparison a test makes is between
-# programs built the same way or against a tolerance.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json
