@@ -361,6 +361,24 @@ def _likelihood(workdir):
     print(f"wrote {out}", flush=True)
 
 
+def _console():
+    """The console is this file's: the library only logs (the `edm_jax` loggers). Their lines go to stdout, one
+    handler, timestamped like the run's log.txt, and not on to absl's stderr handler as well; stderr keeps
+    the warnings of other libraries and the one `error:` sentence of a failure, last."""
+    handler = std_logging.StreamHandler(sys.stdout)
+    handler.setFormatter(std_logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    package = std_logging.getLogger("edm_jax")
+    package.addHandler(handler)
+    package.setLevel(std_logging.DEBUG if FLAGS.verbosity >= 1 else std_logging.INFO)
+    package.propagate = False
+
+
+def _peer_lost(sentence: str) -> None:
+    """The watchdog's reason, as the process's last line (it exits with status 3 next)."""
+    sys.stdout.flush()
+    print(f"error: {sentence}", file=sys.stderr, flush=True)
+
+
 class _OwnInfoOnly(std_logging.Filter):
     """Lets INFO through only from this repository's loggers ('edm_jax'). Orbax reports every stage of every checkpoint
     save at INFO through absl (a dozen lines per save) and JAX its backend probing; that buries the
@@ -374,6 +392,7 @@ class _OwnInfoOnly(std_logging.Filter):
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --mode=train")
+    _console()
     if FLAGS.verbosity < 1:
         logging.get_absl_handler().addFilter(_OwnInfoOnly())
     from edm_jax import compile_cache
@@ -393,17 +412,18 @@ def main(argv):
 
         try:
             if psld_checkpoint.is_lightning_checkpoint(FLAGS.checkpoint):
-                psld_checkpoint.convert_from_config(FLAGS.checkpoint, FLAGS.workdir, FLAGS.config, config_arg)
+                done = psld_checkpoint.convert_from_config(FLAGS.checkpoint, FLAGS.workdir, FLAGS.config, config_arg)
             else:
-                convert.convert_snapshot(FLAGS.checkpoint, FLAGS.workdir)
+                done = convert.convert_snapshot(FLAGS.checkpoint, FLAGS.workdir)
         except (OSError, ValueError, pickle.UnpicklingError) as e:  # incl. unsafe or corrupt pickles
             _fail(str(e))
+        print(done.summary(), flush=True)
         return
 
     from edm_jax import distributed  # before anything touches a JAX backend; a no-op on one process
 
     try:
-        distributed.initialize()
+        distributed.initialize(on_peer_lost=_peer_lost)
     except distributed.DistributedError as e:
         _fail(str(e))
 

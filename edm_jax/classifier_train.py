@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -242,7 +241,8 @@ def train_classifier(config, workdir: str):
     (batch_size, lr, lr_rampup_kimg, adam_b1/b2/eps, total_steps, log_every, checkpoint_every (a multiple of
     log_every), max_to_keep, seed, optional compiler_options for XLA), eval (sigmas, num_images, seed, batch).
     The loop is the diffusion model's (`train.run_loop`): the same resume policy, ticks (every log_every
-    steps), log.txt / metrics.jsonl (echoed to stdout) and checkpoints (every checkpoint_every steps).
+    steps), log.txt / metrics.jsonl and checkpoints (every checkpoint_every steps). Progress goes to the
+    `edm_jax` loggers: main.py shows it; from Python, `logging.basicConfig(level=logging.INFO)`.
     """
     maybe_initialize_distributed()
     for name in ("data", "classifier", "noise", "train", "eval"):
@@ -253,7 +253,7 @@ def train_classifier(config, workdir: str):
         raise ValueError(f"train.total_steps={tc.total_steps} trains nothing, and the accuracy table of an untrained "
                          "classifier would mislead; set train.total_steps >= 1")
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    return run_loop(workdir, lambda mesh: _classifier_objective(config, workdir, mesh), console=sys.stdout)
+    return run_loop(workdir, lambda mesh: _classifier_objective(config, workdir, mesh))
 
 
 def _classifier_objective(config, workdir: str, mesh):

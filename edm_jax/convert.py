@@ -329,12 +329,25 @@ CONVERTED_DIR = "converted"
 CONFIG_FILE = "converted_config.json"
 
 
-def convert_snapshot(path, workdir) -> str:
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """What `write_converted` wrote: the checkpoint directory, the network's parameter count, what it is."""
+
+    directory: str
+    num_parameters: int
+    description: str
+
+    def summary(self) -> str:
+        """The one line `main.py --mode=convert` prints: parameters, description, where it went."""
+        return f"converted: {self.num_parameters:,} parameters, {self.description} -> {self.directory}"
+
+
+def convert_snapshot(path, workdir) -> Converted:
     """`main.py --mode=convert`: write a reference snapshot as an orbax checkpoint plus its config.
 
     Layout: `<workdir>/converted/` (orbax, {'params', ['buffers']} of the EMA network, reference weights
     in flax layout) and `<workdir>/converted_config.json` (`Snapshot.config`). `load_converted(workdir)`
-    reads both back. Returns the checkpoint directory.
+    reads both back. Returns what was written (`Converted`).
     """
     snap = load_snapshot(path)
     return write_converted(workdir, snap.params, snap.config,
@@ -342,10 +355,10 @@ def convert_snapshot(path, workdir) -> str:
                            f"preconditioning, from {path}")
 
 
-def write_converted(workdir, variables, config: Mapping, description: str) -> str:
+def write_converted(workdir, variables, config: Mapping, description: str) -> Converted:
     """Write converted network `variables` (orbax, `<workdir>/converted/`) and `config` (plain data with a
     `network` entry, `{"model_type", **kwargs}`; `<workdir>/converted_config.json`), refusing to overwrite.
-    Prints one line with the parameter count and `description`. Returns the checkpoint directory."""
+    Returns the directory, the parameter count and `description` (`Converted.summary()` is the line to show)."""
     import orbax.checkpoint as ocp
 
     workdir = os.path.abspath(workdir)
@@ -359,8 +372,7 @@ def write_converted(workdir, variables, config: Mapping, description: str) -> st
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)  # σ_max = inf is written as Infinity, which json reads back
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
-    print(f"converted: {n:,} parameters, {description} -> {target}")
-    return target
+    return Converted(directory=target, num_parameters=n, description=description)
 
 
 def load_converted(workdir, dtype=jnp.float32) -> Snapshot:

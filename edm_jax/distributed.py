@@ -12,18 +12,20 @@ starts `jax.distributed` from the environment (docs/multihost.md gives the launc
 Errors (a wrong id or count, an unreachable coordinator) are `DistributedError`s of one sentence; main.py
 prints them. Once running, a daemon thread beats a counter in the coordinator's key-value store and watches
 the peers' counters: a peer that died (SIGKILL, OOM, node loss) would otherwise leave this process blocked
-in a collective forever, so the watchdog prints one sentence and exits with status 3. XLA runs collectives
-without the GIL, so the thread keeps running while the main thread waits.
+in a collective forever, so the watchdog says why in one sentence (to `initialize(on_peer_lost=)`, which main.py
+prints as its `error:` line; else to this module's logger, CRITICAL) and exits with status 3. XLA runs
+collectives without the GIL, so the thread keeps running while the main thread waits.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -33,6 +35,7 @@ __all__ = ["DistributedError", "initialize", "make_mesh", "PEER_EXIT_STATUS"]
 
 PEER_EXIT_STATUS = 3  # the exit status of a process whose peer stopped responding
 _KEY = "edm_jax/watchdog"
+log = logging.getLogger(__name__)
 
 
 class DistributedError(RuntimeError):
@@ -66,11 +69,13 @@ def requested() -> bool:
     return os.environ.get("EDM_JAX_DISTRIBUTED", "") not in ("", "0") or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
 
 
-def initialize() -> bool:
+def initialize(on_peer_lost: Optional[Callable[[str], None]] = None) -> bool:
     """Start `jax.distributed` when the environment asks for it (module docstring); True if it did.
 
     Must run before anything touches a JAX backend. A no-op for single-process runs and when already
     initialised. Raises DistributedError with one sentence for a bad count/id or an unreachable coordinator.
+    `on_peer_lost(sentence)`: told why, just before the watchdog ends the process (status 3); by default
+    the sentence is logged (CRITICAL).
     """
     if not requested() or jax.distributed.is_initialized():
         return False
@@ -103,7 +108,7 @@ def initialize() -> bool:
             f"address, that every process has the same JAX_NUM_PROCESSES and a distinct JAX_PROCESS_ID") from None
     if jax.process_count() > 1:
         global _WATCHDOG
-        _WATCHDOG = _Watchdog(peer_timeout)
+        _WATCHDOG = _Watchdog(peer_timeout, on_peer_lost)
         _WATCHDOG.start()
         previous_hook = sys.excepthook
 
@@ -152,8 +157,10 @@ class _Watchdog:
     has not changed for `timeout` seconds, or the coordinator stopped answering. A peer that exits
     normally first marks itself done (atexit), which ends the watch on it."""
 
-    def __init__(self, timeout: float):
+    def __init__(self, timeout: float, on_peer_lost: Optional[Callable[[str], None]] = None):
         from jax._src import distributed as jax_distributed
+
+        self.on_peer_lost = on_peer_lost or log.critical
 
         self.client = jax_distributed.global_state.client
         self.timeout = float(timeout)
@@ -197,8 +204,8 @@ class _Watchdog:
     def _exit(self, why: str):
         if self.stopped.is_set():
             return
-        print(f"error: process {self.me} stops because {why}; rerun all processes with the same command to "
-              "resume from the last complete checkpoint", file=sys.stderr, flush=True)
+        self.on_peer_lost(f"process {self.me} stops because {why}; rerun all processes with the same command "
+                          "to resume from the last complete checkpoint")
         os._exit(PEER_EXIT_STATUS)
 
 

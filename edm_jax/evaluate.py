@@ -7,10 +7,14 @@ feeds them: a folder or npz of samples, a model sampled on the fly (`edm_jax.gen
 
 Paper protocol (Karras et al. 2022, Section 5 / reference fid.py): 50,000 images for each of the seed
 ranges 0–49,999, 50,000–99,999 and 100,000–149,999; report each FID and the minimum.
+
+Progress goes to this module's logger (INFO): main.py shows it; from Python,
+`logging.basicConfig(level=logging.INFO)` does.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -25,6 +29,7 @@ __all__ = ["load_images", "stats_of_images", "stats_of_model", "fid_against", "p
 
 # What --mode=sample writes: `000000/000123.png` (or `000123.png` without subfolders), beside grid.png.
 _SAMPLE_NAME = re.compile(r"^(\d{6}/)?\d{6,}\.png$")
+log = logging.getLogger(__name__)
 
 
 def _sample_folder_images(path):
@@ -103,7 +108,7 @@ def stats_of_model(sample_fn, seeds, inception, *, batch, base_seed=0, mesh=None
         if progress and (time.time() - last > 10 or done == len(seeds)):
             rate = done / max(time.time() - start, 1e-9)
             eta = (len(seeds) - done) / max(rate, 1e-9)
-            print(f"fid: {done}/{len(seeds)} images, {rate:.1f} img/s, ETA {eta:.0f} s", flush=True)
+            log.info("fid: %d/%d images, %.1f img/s, ETA %.0f s", done, len(seeds), rate, eta)
             last = time.time()
     return stats.mean_and_cov()
 

@@ -72,8 +72,9 @@ class GracefulStop:
                 name = signal.Signals(number).name
                 if self._event.is_set():
                     log.warning("second %s: stopping now, without saving (the newest checkpoint stays)", name)
-                    for handler in log.handlers:
+                    for handler in logging.getLogger("edm_jax").handlers:  # whoever shows the line (main.py)
                         handler.flush()
+                    sys.stdout.flush()
                     sys.stderr.flush()
                     os._exit(EXIT_AT_ONCE)
                 self.signal_name = name

@@ -7,10 +7,14 @@ each image on its own, so an image's result never depends on the batch or the de
 never names the family. Dequantisation (`edm_jax.diffusion.likelihood`):
 x = (u + U)/127.5 − 1 with u the uint8 pixel and U ~ Uniform[0, 1) per pixel; bits/dim are of u + U on
 [0, 256)^d.
+
+Progress (`progress=True`) goes to this module's logger (INFO): main.py shows it; from Python,
+`logging.basicConfig(level=logging.INFO)` does.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -24,6 +28,7 @@ from edm_jax.generate import BoundDenoiser, _replicate
 __all__ = ["DEQUANT_STREAM", "PROBE_STREAM", "dequantize", "make_likelihood_fn", "likelihood_of_images"]
 
 DEQUANT_STREAM, PROBE_STREAM = 0, 1
+log = logging.getLogger(__name__)
 
 
 def dequantize(images, keys):
@@ -90,7 +95,7 @@ def likelihood_of_images(likelihood_fn, images, labels=None, *, batch: int, mesh
         nfe.append(np.asarray(out["nfe"], np.float64)[:stop - start])
         if progress:
             done = np.concatenate(bpd)
-            print(f"likelihood: {stop}/{n} images, {done.mean():.4f} bits/dim so far", flush=True)
+            log.info("likelihood: %d/%d images, %.4f bits/dim so far", stop, n, done.mean())
     per_image, nfe = np.concatenate(bpd), np.concatenate(nfe)
     std_err = float(per_image.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     return dict(bits_per_dim=float(per_image.mean()), std_err=std_err, num_images=n,

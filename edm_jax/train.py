@@ -400,23 +400,29 @@ def _require(config, *names):
 
 
 class _Logs:
-    """log.txt (human-readable, also echoed to stdout), metrics.jsonl and TensorBoard event files in
-    tensorboard/ (edm_jax.tensorboard; the metrics records as scalars), written by process 0 only."""
+    """log.txt (every `edm_jax` logger's lines, INFO and above, while the run lasts), metrics.jsonl and
+    TensorBoard event files in tensorboard/ (edm_jax.tensorboard; the metrics records as scalars), written by
+    process 0 only. The console is not the library's: main.py attaches its handler to the `edm_jax` logger;
+    a Python caller sees the same lines with `logging.basicConfig(level=logging.INFO)`."""
 
-    def __init__(self, workdir: str, active: bool, stream=None):
+    def __init__(self, workdir: str, active: bool):
         self.active = active
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self.tensorboard_dir = os.path.join(workdir, "tensorboard")  # events files, made on the first record
         self._tensorboard = None
         self._purge_step = None  # first step a resumed run logs: TensorBoard drops the dead run's points from it on
-        self._handlers = []
+        self._file = None
+        self._level = None  # the package logger's own level to restore, when the run lowered it
         if active:
-            for handler in (logging.StreamHandler(stream), logging.FileHandler(os.path.join(workdir, "log.txt"))):
-                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-                _PACKAGE_LOG.addHandler(handler)
-                self._handlers.append(handler)
-            _PACKAGE_LOG.setLevel(logging.INFO)
-            _PACKAGE_LOG.propagate = False
+            self._file = logging.FileHandler(os.path.join(workdir, "log.txt"))
+            self._file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+            _PACKAGE_LOG.addHandler(self._file)
+            # log.txt is the run's record whoever configured logging: with nothing configured the package
+            # logger inherits the root's WARNING, which would keep the progress lines out of it. Lowered on
+            # the package logger alone and for the run only (close() restores it); no handler is added.
+            if _PACKAGE_LOG.getEffectiveLevel() > logging.INFO:
+                self._level = _PACKAGE_LOG.level
+                _PACKAGE_LOG.setLevel(logging.INFO)
 
     def truncate_metrics(self, after_step: int):
         """Drop records past `after_step` (written by a run that died before its next checkpoint), in
@@ -451,19 +457,20 @@ class _Logs:
 
     def fatal(self, message: str):
         """Write the run's fatal sentence to log.txt only (main.py prints it, as the last line on screen)."""
-        for handler in self._handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.emit(logging.LogRecord("edm_jax", logging.ERROR, "", 0, message, None, None))
+        if self._file is not None:
+            self._file.emit(logging.LogRecord("edm_jax", logging.ERROR, "", 0, message, None, None))
 
     def close(self):
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
-        for handler in self._handlers:
-            _PACKAGE_LOG.removeHandler(handler)
-            handler.close()
-        if self._handlers:
-            _PACKAGE_LOG.propagate = True
+        if self._file is not None:
+            _PACKAGE_LOG.removeHandler(self._file)
+            self._file.close()
+            self._file = None
+        if self._level is not None:
+            _PACKAGE_LOG.setLevel(self._level)
+            self._level = None
 
 
 def _memory_text() -> str:
@@ -569,10 +576,10 @@ def _params_of(state):
     return state["params"] if isinstance(state, Mapping) else state.params
 
 
-def run_loop(workdir: str, setup: Callable, *, matmul_precision=None, compilation_cache_dir=None, console=None):
+def run_loop(workdir: str, setup: Callable, *, matmul_precision=None, compilation_cache_dir=None):
     """The one training skeleton: `setup(mesh) -> (Objective, Schedule)` inside the run's lock and logs,
     then resume, the loop, ticks, snapshots; returns `objective.finish(state, trained)` (the state if
-    stopped by a signal). `console`: the stream log lines are echoed to (default stderr)."""
+    stopped by a signal). Progress goes to the `edm_jax` loggers and the run's log.txt (`_Logs`)."""
     from edm_jax import data as data_lib
     from edm_jax import progress as progress_lib
     from edm_jax.checkpoint import CheckpointError
@@ -584,7 +591,7 @@ def run_loop(workdir: str, setup: Callable, *, matmul_precision=None, compilatio
     from edm_jax.interop.runlock import WorkdirLock
     lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None  # before anything is written
     try:
-        logs = _Logs(workdir, active=jax.process_index() == 0, stream=console)
+        logs = _Logs(workdir, active=jax.process_index() == 0)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -802,9 +809,9 @@ def _diffusion_objective(config, workdir: str, mesh: Mesh):
     shape = (dataset.resolution, dataset.resolution, dataset.channels)
     log.info("data: %r, %d images of %s, label_dim %d", dataset.name, len(dataset), "x".join(map(str, shape)),
              label_dim)
-    if dataset.decoded is not None:  # every process says it (the log is process 0's)
-        print(f"data: process {jax.process_index()} of {jax.process_count()} decoded "
-              f"{int(dataset.decoded.sum())} of {len(dataset)} images (those its batches read)", flush=True)
+    if dataset.decoded is not None:  # every process says it on its console (log.txt is process 0's)
+        log.info("data: process %d of %d decoded %d of %d images (those its batches read)", jax.process_index(),
+                 jax.process_count(), int(dataset.decoded.sum()), len(dataset))
 
     # ---- Process (preconditioning + loss), network, augmentation (train.py's network/loss/augment kwargs).
     augment = _as_dict(config.augment)

@@ -41,10 +41,12 @@ def tiny_config():
     return c
 
 
-def test_train_classifier_end_to_end_resume_and_reload(tmp_path, capsys):
+def test_train_classifier_end_to_end_resume_and_reload(tmp_path, caplog):
     config = tiny_config()
-    rows = classifier_train.train_classifier(config, str(tmp_path))
-    out = capsys.readouterr().out
+    with caplog.at_level("INFO", logger="edm_jax"):  # the library logs; main.py owns the console
+        rows = classifier_train.train_classifier(config, str(tmp_path))
+    out = caplog.text
+    caplog.clear()
     assert "step      3/3" in out and "held-out accuracy per sigma" in out
     assert [r["sigma"] for r in rows] == [0.05, 80.0]
     assert all(0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["cross_entropy"]) for r in rows)
@@ -74,8 +76,9 @@ def test_train_classifier_end_to_end_resume_and_reload(tmp_path, capsys):
 
     # Rerun: resumes at the final step and does nothing more.
     mtime = os.path.getmtime(tmp_path / "accuracy.json")
-    assert classifier_train.train_classifier(config, str(tmp_path)) == rows
-    out = capsys.readouterr().out
+    with caplog.at_level("INFO", logger="edm_jax"):
+        assert classifier_train.train_classifier(config, str(tmp_path)) == rows
+    out = caplog.text
     assert "nothing to do" in out and "training the classifier" not in out
     assert os.path.getmtime(tmp_path / "accuracy.json") == mtime
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [2, 3]

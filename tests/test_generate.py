@@ -223,9 +223,10 @@ def test_two_hosts_write_disjoint_halves(fns, reference_det, tmp_path):
     assert second.grid is not None and first.grid is None  # only process 0 writes the grid
 
 
-def test_resume_skips_existing_and_rewrites_a_deleted_file(fns, reference_det, tmp_path, capsys):
-    first = run(fns["det8"], tmp_path, batch=8, progress=True)
-    out = capsys.readouterr().out
+def test_resume_skips_existing_and_rewrites_a_deleted_file(fns, reference_det, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="edm_jax"):  # progress is logged; main.py owns the console
+        first = run(fns["det8"], tmp_path, batch=8, progress=True)
+    out = caplog.text
     assert "img/s" in out and "ETA" in out and "14 written" in out
     assert (first.written, first.skipped, first.batches_computed, first.batches_total) == (14, 0, 2, 2)
     files = pngs(tmp_path)

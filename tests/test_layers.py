@@ -1,6 +1,7 @@
 """The layers point one way: the papers' math (edm_jax/diffusion/) and the networks (edm_jax/networks/) import
 nothing of the drivers (training, generation, evaluation, interop, the CLI). Read from the source with ast, so
-a lazy import inside a function counts too."""
+a lazy import inside a function counts too. And the console is main.py's: no module of the library prints,
+writes to sys.stdout/sys.stderr, attaches a StreamHandler or configures the root logger; it only logs."""
 
 import ast
 import pathlib
@@ -51,3 +52,39 @@ def test_old_public_paths_are_the_moved_modules():
     import edm_jax.precond
 
     assert edm_jax.precond is edm_jax.diffusion.precond
+
+
+# What only main.py may do to the console: print, write to the standard streams, attach a stream handler,
+# configure the root logger (logging.basicConfig). A FileHandler (a run's log.txt) is the library's.
+_CONSOLE_CALLS = {"print", "StreamHandler", "basicConfig"}
+
+
+def _console_uses(path):
+    """(line, what) of every console use in the file at `path`."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            if name in _CONSOLE_CALLS:
+                yield node.lineno, name
+            if (isinstance(f, ast.Attribute) and f.attr == "write" and isinstance(f.value, ast.Attribute)
+                    and f.value.attr in ("stdout", "stderr")):
+                yield node.lineno, f"{f.value.attr}.write"
+
+
+def test_the_library_never_writes_to_the_console():
+    offending = {str(path.relative_to(PACKAGE)): uses for path in sorted(PACKAGE.rglob("*.py"))
+                 if (uses := sorted(_console_uses(path)))}
+    assert not offending, f"library modules use the console (log through logging.getLogger(__name__)): {offending}"
+
+
+def test_the_console_check_sees_each_kind_of_use(tmp_path):
+    """The reader is not vacuous: a print, a stream write, a StreamHandler and basicConfig are each found,
+    lazily inside a function too; a FileHandler and a logger call are not console uses."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import logging, sys\nprint('x')\n\ndef f(log):\n    sys.stderr.write('y')\n"
+                     "    log.addHandler(logging.StreamHandler(sys.stdout))\n    logging.basicConfig(level=20)\n"
+                     "    log.addHandler(logging.FileHandler('log.txt'))\n    log.info('fine')\n")
+    assert sorted(_console_uses(probe)) == [(2, "print"), (5, "stderr.write"), (6, "StreamHandler"),
+                                            (7, "basicConfig")]

@@ -1,8 +1,13 @@
-"""The multi-host generation loop: batches of seeds, padding, resume, the rows each host writes."""
+"""The multi-host generation loop: batches of seeds, padding, resume, the rows each host writes.
+
+Progress and notes go to this module's logger (`edm_jax.generation.loop`, INFO): main.py shows them on its
+console; from Python, `logging.basicConfig(level=logging.INFO)` does.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -19,6 +24,7 @@ from edm_jax.generation.seeds import parse_seeds
 __all__ = ["generate", "GenerateSummary"]
 
 GRID_IMAGES = 64
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +74,7 @@ def _format_seconds(s):
 
 
 class _Progress:
-    """Prints 'generate: done/total seeds (x%), r img/s, elapsed, ETA' lines, at most every `every` s."""
+    """Logs 'generate: done/total seeds (x%), r img/s, elapsed, ETA' lines, at most every `every` s."""
 
     def __init__(self, enabled, compute_batches, global_batch, n_seeds, every=10.0):
         self.enabled, self.every = enabled, every
@@ -93,9 +99,9 @@ class _Progress:
         rate = self.batch / per_batch if per_batch > 0 else float("inf")
         eta = per_batch * (self.compute - self.done_batches)
         note = " (first batch: includes compilation)" if steady == 0 and self.compute > 1 else ""
-        print(f"generate: {min(position, self.n_seeds)}/{self.n_seeds} seeds ({100 * position / self.n_seeds:.1f}%), "
-              f"{rate:.1f} img/s, batch {self.done_batches}/{self.compute} computed, "
-              f"elapsed {_format_seconds(now - self.start)}, ETA {_format_seconds(eta)}{note}", flush=True)
+        log.info("generate: %d/%d seeds (%.1f%%), %.1f img/s, batch %d/%d computed, elapsed %s, ETA %s%s",
+                 min(position, self.n_seeds), self.n_seeds, 100 * position / self.n_seeds, rate, self.done_batches,
+                 self.compute, _format_seconds(now - self.start), _format_seconds(eta), note)
 
 
 def generate(sample_fn: SampleFn, seeds, *, batch: int, outdir: str, fmt: str = "png", process_index=None,
@@ -113,7 +119,7 @@ def generate(sample_fn: SampleFn, seeds, *, batch: int, outdir: str, fmt: str = 
       process_index / process_count: this host and the host count; default `jax.process_index()` /
         `jax.process_count()`. Giving them in a single-process run simulates one host of many (tests).
       subdirs: a folder per 1000 seeds (PNG only).
-      progress: print progress lines (process 0 only).
+      progress: log progress lines (process 0 only; module docstring).
       base_seed: root of the per-seed keys.
       grid: process 0 writes `grid.png` of the first 64 seeds (in the order given).
 
@@ -140,8 +146,8 @@ def generate(sample_fn: SampleFn, seeds, *, batch: int, outdir: str, fmt: str = 
     # A batch larger than the run only pads: compute the seeds' count rounded up to the device multiple.
     global_batch = -(-min(int(batch), len(seeds)) // multiple) * multiple
     if global_batch != batch and progress and process_index == 0:
-        print(f"generate: batch {batch} rounded up to {global_batch} (a multiple of {sample_fn.data_size} data "
-              f"shard(s) and {process_count} host(s))", flush=True)
+        log.info("generate: batch %d rounded up to %d (a multiple of %d data shard(s) and %d host(s))", batch,
+                 global_batch, sample_fn.data_size, process_count)
     per_host = global_batch // process_count
     lead = process_index == 0
     os.makedirs(outdir, exist_ok=True)
@@ -240,9 +246,8 @@ def generate(sample_fn: SampleFn, seeds, *, batch: int, outdir: str, fmt: str = 
                 unchanged = np.array_equal(z["seeds"], np.asarray(seeds, np.int64))
         npz_path = target if unchanged else merge_npz(outdir, seeds)
         if npz_path is None and progress:
-            print(f"generate: {NPZ_FILE} not written yet: some seeds have no part in {outdir}/{PARTS_DIR} "
-                  "(other hosts still to run, or parts on their local disks); call merge_npz once they are here",
-                  flush=True)
+            log.info("generate: %s not written yet: some seeds have no part in %s/%s (other hosts still to run, "
+                     "or parts on their local disks); call merge_npz once they are here", NPZ_FILE, outdir, PARTS_DIR)
     if grid_count and lead:
         grid_path = os.path.join(outdir, GRID_FILE)
         first = seeds[:grid_count]
@@ -251,15 +256,14 @@ def generate(sample_fn: SampleFn, seeds, *, batch: int, outdir: str, fmt: str = 
             if images is None:
                 grid_path = None
                 if progress:
-                    print(f"generate: {GRID_FILE} not written: some of the first {grid_count} images are not "
-                          "readable on this host", flush=True)
+                    log.info("generate: %s not written: some of the first %d images are not readable on this "
+                             "host", GRID_FILE, grid_count)
             else:
                 save_grid(images, grid_path)
     seconds = time.perf_counter() - t0
     if progress and lead:
-        print(f"generate: done, {written} written, {skipped} skipped by host {process_index}, "
-              f"{len(todo)}/{num_batches} batches of {global_batch} computed in {_format_seconds(seconds)}",
-              flush=True)
+        log.info("generate: done, %d written, %d skipped by host %d, %d/%d batches of %d computed in %s", written,
+                 skipped, process_index, len(todo), num_batches, global_batch, _format_seconds(seconds))
     return GenerateSummary(written=written, skipped=skipped, seconds=seconds, batches_computed=len(todo),
                            batches_total=num_batches, global_batch=global_batch, npz=npz_path, grid=grid_path,
                            rows_computed=rows_computed)

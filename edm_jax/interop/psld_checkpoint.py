@@ -414,11 +414,11 @@ def load_psld_snapshot(path, network_kwargs: Mapping, process, ema: bool = True,
 
 
 def convert_psld_checkpoint(path, workdir, network_kwargs: Mapping, process: Mapping | None = None,
-                            ema: bool = True) -> str:
+                            ema: bool = True) -> "convert.Converted":
     """`main.py --mode=convert` for a PSLD checkpoint: the EMA network as an orbax checkpoint plus
     `converted_config.json` in `workdir` (`edm_jax.convert.write_converted`; `convert.load_converted` reads
     it back, with precond None). `process`: the config's process settings (Γ, ν, ...), recorded as given,
-    since the file does not hold them. Returns the checkpoint directory."""
+    since the file does not hold them. Returns what was written (`convert.Converted`)."""
     module, variables = load_psld_checkpoint(path, network_kwargs, ema=ema)
     config = _converted_config(path, module, network_kwargs, process, ema)
     return convert.write_converted(workdir, variables, config, f"PSLD SongUNet ({config['weights']}) from {path}")
@@ -439,7 +439,7 @@ def network_kwargs_from_config(config, path, config_name=None) -> dict:
     return kwargs
 
 
-def convert_from_config(path, workdir, config, config_name=None) -> str:
+def convert_from_config(path, workdir, config, config_name=None) -> "convert.Converted":
     """`convert_psld_checkpoint` with the network from the config; its process section is recorded as given
     (the file holds none)."""
     kwargs = network_kwargs_from_config(config, path, config_name)  # first: it names a missing config
