@@ -596,8 +596,10 @@ def run_loop(workdir: str, setup: Callable, *, matmul_precision=None, compilatio
         if lock is not None:
             lock.release()
         raise
-    if compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(compilation_cache_dir))
+    if compilation_cache_dir:  # the config's folder (train.compilation_cache_dir) moves the cache main.py enabled
+        from edm_jax import compile_cache
+
+        compile_cache.enable(os.path.expanduser(compilation_cache_dir))
     ckpt = stream = None
     step_batch = None  # examples per device and round, once the train step runs (for the out-of-memory advice)
     stop = GracefulStop()
