@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from edm_jax.diffusion.guidance import classifier_loss
 from edm_jax.networks.classifier import EncoderUNet
 from edm_jax.diffusion.precond import EDMPrecond, make_precond
+from edm_jax.distributed import replicated
 from edm_jax.interop.rundir import as_dict as _as_dict
 from edm_jax.train import (Objective, Schedule, learning_rate, make_mesh, make_optimizer, maybe_initialize_distributed,
                            plan_batch, run_loop)
@@ -291,7 +292,7 @@ def _classifier_objective(config, workdir: str, mesh):
         raise ValueError(f"train.checkpoint_every={ckpt_every} is not a multiple of train.log_every={log_every} "
                          "(checkpoints are written at ticks); make it a multiple")
     tx = make_optimizer(tc.lr, tc.adam_b1, tc.adam_b2, tc.adam_eps)
-    rep = NamedSharding(mesh, P())
+    rep = replicated(mesh)
     init, abstract = _abstract_state(module, tx, shape, rep)
     options = _as_dict(tc.get("compiler_options")) or None  # e.g. {'xla_backend_optimization_level': 0}
     # XLA:CPU spends long optimising the initialisers' random draws, which run once (as train.py): skip that.

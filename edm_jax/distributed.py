@@ -29,9 +29,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["DistributedError", "initialize", "make_mesh", "PEER_EXIT_STATUS"]
+__all__ = ["DistributedError", "initialize", "make_mesh", "replicated", "replicate", "PEER_EXIT_STATUS"]
 
 PEER_EXIT_STATUS = 3  # the exit status of a process whose peer stopped responding
 _KEY = "edm_jax/watchdog"
@@ -52,6 +52,28 @@ def make_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
     devices = jax.devices() if devices is None else list(devices)
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that keeps a whole copy on every device of `mesh` (parameters, train states)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def replicate(tree, mesh: Mesh):
+    """`tree` (arrays that every process holds whole, e.g. loaded parameters) placed on every device of `mesh`.
+
+    On one process a `device_put`; across processes each builds the global array from its own host copy
+    (`make_array_from_callback`), since `device_put` cannot address another process's devices.
+    """
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
 
 
 def _env_int(name: str) -> Optional[int]:

@@ -23,7 +23,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from edm_jax.generate import BoundDenoiser, _replicate
+from edm_jax.distributed import replicate, replicated
+from edm_jax.generate import BoundDenoiser
 
 __all__ = ["DEQUANT_STREAM", "PROBE_STREAM", "dequantize", "make_likelihood_fn", "likelihood_of_images"]
 
@@ -55,9 +56,9 @@ def make_likelihood_fn(model_fn, *, process, mesh: Mesh, label_dim: int = 0, **l
         out = process.log_likelihood(den, x, onehot, key=sub(PROBE_STREAM), data_range=2.0, **likelihood_kwargs)
         return {k: out[k] for k in ("bits_per_dim", "log_p", "log_p_std_err", "nfe")}
 
-    batch, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    batch, rep = NamedSharding(mesh, P("data")), replicated(mesh)
     if isinstance(model_fn, BoundDenoiser):
-        params = _replicate(model_fn.params, mesh)
+        params = replicate(model_fn.params, mesh)
         jitted = jax.jit(fn, in_shardings=(batch, batch, batch, rep), out_shardings=batch)
         return lambda images, keys, labels: jitted(images, keys, labels, params)
     return jax.jit(fn, in_shardings=(batch, batch, batch), out_shardings=batch)

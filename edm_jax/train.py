@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from edm_jax.diffusion import augment as augment_lib
 from edm_jax import distributed
-from edm_jax.distributed import make_mesh
+from edm_jax.distributed import make_mesh, replicated
 from edm_jax import generate as generate_lib
 from edm_jax.networks.build import build_network  # noqa: F401 (re-exported; moved to networks/)
 from edm_jax.interop.rundir import as_dict as _as_dict
@@ -144,10 +144,6 @@ def make_optimizer(base_lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=None
         learning_rate=base_lr, b1=b1, b2=b2, eps=eps, max_norm=float(grad_clip_norm))
 
 
-def _replicated(mesh):
-    return NamedSharding(mesh, P())
-
-
 def create_train_state(key, module, sample_shape, label_dim=0, augment_dim=0, tx=None, mesh=None,
                        compiler_options=None):
     """Initialise the network, its EMA copy and the optimizer state.
@@ -175,7 +171,7 @@ def create_train_state(key, module, sample_shape, label_dim=0, augment_dim=0, tx
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, buffers=variables, ema=ema,
                           opt_state=tx.init(params))
 
-    out_shardings = None if mesh is None else _replicated(mesh)
+    out_shardings = None if mesh is None else replicated(mesh)
     return jax.jit(init, out_shardings=out_shardings, compiler_options=compiler_options)(key)
 
 
@@ -377,7 +373,7 @@ def compile_train_step(train_step: Callable, mesh: Mesh, compiler_options: Optio
     `compiler_options` go to XLA unchanged (the tests pass {'xla_backend_optimization_level': 0}, which
     compiles about 3x faster on CPU).
     """
-    rep = _replicated(mesh)
+    rep = replicated(mesh)
     return jax.jit(train_step, in_shardings=(rep, NamedSharding(mesh, P("data")), rep),
                    out_shardings=(rep, rep), donate_argnums=(0,),
                    compiler_options=None if compiler_options is None else dict(compiler_options))
@@ -839,7 +835,7 @@ def _diffusion_objective(config, workdir: str, mesh: Mesh):
     net_shape = (*shape[:2], in_channels)  # the network's input: the process's state, not always the image
     init = lambda key, options=None: create_train_state(key, module, net_shape, label_dim, augment_dim, tx,
                                                         mesh, compiler_options=options)
-    rep = _replicated(mesh)
+    rep = replicated(mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                             jax.eval_shape(init, jax.random.key(int(tc.seed))))
     resolved = json.loads(config.to_json_best_effort())

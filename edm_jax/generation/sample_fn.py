@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from edm_jax.diffusion.precond import EDMPrecond
+from edm_jax.distributed import replicate, replicated
 from edm_jax.diffusion.process import SigmaProcess
 from edm_jax.diffusion.sampler_settings import SamplerSettings
 from edm_jax.generation.seeds import LABEL_STREAM, LATENT_STREAM, NOISE_STREAM, seed_keys
@@ -92,18 +93,6 @@ class SampleFn:
         return self(self.keys_for(seeds, base_seed), params)
 
 
-def _replicate(tree, mesh):
-    sharding = NamedSharding(mesh, P())
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
-
-    def put(x):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
-
-    return jax.tree.map(put, tree)
-
-
 def make_sample_fn(denoise_fn, *, image_shape, label_dim, settings: SamplerSettings, mesh: Mesh,
                    class_idx=None, process=None) -> SampleFn:
     """One jitted, sharded function from per-image keys to uint8 images.
@@ -161,8 +150,8 @@ def make_sample_fn(denoise_fn, *, image_shape, label_dim, settings: SamplerSetti
     batch = NamedSharding(mesh, P("data"))
     bound = isinstance(denoise_fn, BoundDenoiser)
     if bound:
-        params = None if denoise_fn.params is None else _replicate(denoise_fn.params, mesh)
-        jitted = jax.jit(sample, in_shardings=(batch, NamedSharding(mesh, P())), out_shardings=(batch, batch))
+        params = None if denoise_fn.params is None else replicate(denoise_fn.params, mesh)
+        jitted = jax.jit(sample, in_shardings=(batch, replicated(mesh)), out_shardings=(batch, batch))
     else:
         params = None
         jitted = jax.jit(sample, in_shardings=(batch,), out_shardings=(batch, batch))
