@@ -27,17 +27,15 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from edm_jax.diffusion.guidance import classifier_loss
-from edm_jax.networks.classifier import EncoderUNet
 from edm_jax.diffusion.precond import EDMPrecond, make_precond
 from edm_jax.distributed import replicated
-from edm_jax.interop.rundir import as_dict as _as_dict
-from edm_jax.train import (Objective, Schedule, learning_rate, make_mesh, make_optimizer, maybe_initialize_distributed,
+from edm_jax.interop.rundir import CLASSIFIER_CONFIG, as_dict as _as_dict, classifier_network
+from edm_jax.train import (Objective, Schedule, learning_rate, make_optimizer, maybe_initialize_distributed,
                            plan_batch, run_loop)
 
 __all__ = ["train_classifier", "load_classifier", "accuracy_per_sigma", "make_classifier_step",
-           "CLASSIFIER_CONFIG", "ACCURACY_FILE"]
+           "abstract_state", "CLASSIFIER_CONFIG", "ACCURACY_FILE"]
 
-CLASSIFIER_CONFIG = "classifier_config.json"
 ACCURACY_FILE = "accuracy.json"
 log = logging.getLogger(__name__)
 _NET_KEYS = ("model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout",
@@ -157,17 +155,9 @@ def _network_kwargs(model: Mapping, *, resolution: int, channels: int, num_class
     return kwargs
 
 
-def _module_from_kwargs(kwargs: Mapping) -> EncoderUNet:
-    kwargs = dict(kwargs)
-    for k in ("channel_mult", "attn_resolutions"):
-        if k in kwargs:
-            kwargs[k] = tuple(kwargs[k])
-    if isinstance(kwargs.get("dtype"), str):
-        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-    return EncoderUNet(**kwargs)
-
-
-def _abstract_state(module, tx, shape, sharding):
+def abstract_state(module, tx, shape, sharding):
+    """(init(key) -> train state, its ShapeDtypeStructs placed with `sharding`): the state {step, params,
+    opt_state} a classifier checkpoint holds, for images of `shape` (H, W, C) and optimizer `tx`."""
     def init(key):
         x = jnp.zeros((1, *shape), jnp.float32)
         params = module.init({"params": key}, x, jnp.zeros((1,), jnp.float32))["params"]
@@ -179,34 +169,15 @@ def _abstract_state(module, tx, shape, sharding):
 
 
 def load_classifier(workdir: str):
-    """(module, variables, precond) of the newest checkpoint of a `train_classifier` run in `workdir`.
+    """(module, variables, precond) of the newest checkpoint of a `train_classifier` run in `workdir`
+    (`edm_jax.interop.rundir.load_classifier`, the reader of that layout).
 
     `module.apply(variables, x_in, noise_labels)` gives logits; pass `module.apply, variables, precond` to
     `guidance.classifier_log_prob`.
     """
-    from edm_jax.checkpoint import Checkpointer
+    from edm_jax.interop import rundir
 
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    path = os.path.join(workdir, CLASSIFIER_CONFIG)
-    if not os.path.isfile(path):
-        raise OSError(f"{path} not found: {workdir} is not a train_classifier run directory")
-    with open(path) as f:
-        meta = json.load(f)
-    module = _module_from_kwargs(meta["network"])
-    precond = make_precond(meta["precond"]["kind"], **meta["precond"].get("kwargs", {}))
-    shape = (module.img_resolution, module.img_resolution, module.in_channels)
-    tx = make_optimizer()
-    sharding = NamedSharding(make_mesh(), P())
-    _, abstract = _abstract_state(module, tx, shape, sharding)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-    try:
-        restored = ckpt.restore_latest(abstract)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise OSError(f"no classifier checkpoint in {os.path.join(workdir, 'checkpoints')}")
-    state, _ = restored
-    return module, {"params": state["params"]}, precond
+    return rundir.load_classifier(workdir)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,7 +246,7 @@ def _classifier_objective(config, workdir: str, mesh):
 
     net_kwargs = _network_kwargs(_as_dict(config.classifier), resolution=shape[0], channels=shape[2],
                                  num_classes=dataset.label_dim)
-    module = _module_from_kwargs(net_kwargs)
+    module = classifier_network(net_kwargs)
     precond_meta = {"kind": "edm", "kwargs": {"sigma_data": 0.5}}
     precond = make_precond(precond_meta["kind"], **precond_meta["kwargs"])
     if jax.process_index() == 0:
@@ -293,7 +264,7 @@ def _classifier_objective(config, workdir: str, mesh):
                          "(checkpoints are written at ticks); make it a multiple")
     tx = make_optimizer(tc.lr, tc.adam_b1, tc.adam_b2, tc.adam_eps)
     rep = replicated(mesh)
-    init, abstract = _abstract_state(module, tx, shape, rep)
+    init, abstract = abstract_state(module, tx, shape, rep)
     options = _as_dict(tc.get("compiler_options")) or None  # e.g. {'xla_backend_optimization_level': 0}
     # XLA:CPU spends long optimising the initialisers' random draws, which run once (as train.py): skip that.
     init_options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else options

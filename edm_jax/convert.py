@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from edm_jax.interop.rundir import CONVERTED_CONFIG as CONFIG_FILE, CONVERTED_DIR  # noqa: F401 (the schema's names)
 from edm_jax.networks.build import NETWORKS
 from edm_jax.torch_pickle import flax_shape, to_flax_layout  # noqa: F401 (re-exported; the one transpose)
 
@@ -325,10 +326,6 @@ def load_snapshot(path, dtype=jnp.float32) -> Snapshot:
     return _build(config, weights, dtype)
 
 
-CONVERTED_DIR = "converted"
-CONFIG_FILE = "converted_config.json"
-
-
 @dataclasses.dataclass(frozen=True)
 class Converted:
     """What `write_converted` wrote: the checkpoint directory, the network's parameter count, what it is."""
@@ -376,20 +373,8 @@ def write_converted(workdir, variables, config: Mapping, description: str) -> Co
 
 
 def load_converted(workdir, dtype=jnp.float32) -> Snapshot:
-    """Read back what `convert_snapshot` (or `write_converted`) wrote into `workdir`."""
-    import orbax.checkpoint as ocp
+    """Read back what `convert_snapshot` (or `write_converted`) wrote into `workdir`
+    (`edm_jax.interop.rundir.load_converted`, the reader of that layout)."""
+    from edm_jax.interop import rundir
 
-    workdir = os.path.abspath(workdir)
-    config_path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found; run main.py --mode=convert --workdir={workdir} first")
-    with open(config_path) as f:
-        config = json.load(f)
-    if not {"img_resolution", "in_channels", "out_channels"} <= set(config["network"]):
-        raise SnapshotError(f"{config_path} lacks the network's img_resolution/in_channels/out_channels")
-    module = network_from_config(config["network"], dtype=dtype)
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), variable_shapes(module))
-    variables = ocp.StandardCheckpointer().restore(os.path.join(workdir, CONVERTED_DIR), target)
-    from edm_jax.interop.rundir import process_from_config
-
-    return Snapshot(config=config, params=variables, module=module, process=process_from_config(config))
+    return rundir.load_converted(workdir, dtype=dtype)

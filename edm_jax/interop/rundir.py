@@ -3,8 +3,11 @@
 A config's (or a run directory's `config.json`'s) diffusion process is one flat `process` section,
 {'kind': 'edm', 'sigma_data': 0.5, ...}, each hyperparameter written once. Run directories and converted
 checkpoints written before that section existed carry `precond` {kind, kwargs} + `loss` {kind, kwargs}
-instead; `process_from_config` reads both, so old runs still load and sample. `load_training_checkpoint`
-reads a training run directory (config.json, checkpoints/<step>/) back into its EMA network.
+instead; `process_from_config` reads both, so old runs still load and sample. The run directories it reads:
+
+  training run        config.json, checkpoints/<step>/           `load_training_checkpoint` (its EMA network)
+  converted model     converted_config.json, converted/           `load_converted` (convert.py writes it)
+  classifier run      classifier_config.json, checkpoints/<step>/ `load_classifier` (classifier_train.py writes it)
 """
 
 from __future__ import annotations
@@ -21,9 +24,15 @@ import numpy as np
 from edm_jax.diffusion.process import make_process, sigma_process
 from edm_jax.networks.build import build_network
 
-__all__ = ["process_from_config", "process_section", "load_training_checkpoint", "as_dict"]
+__all__ = ["process_from_config", "process_section", "load_training_checkpoint", "load_converted",
+           "load_classifier", "classifier_network", "as_dict", "CONVERTED_DIR", "CONVERTED_CONFIG",
+           "CLASSIFIER_CONFIG"]
 
 log = logging.getLogger(__name__)
+
+CONVERTED_DIR = "converted"                   # orbax: {'params', ['buffers']} of a converted network
+CONVERTED_CONFIG = "converted_config.json"    # its `convert.Snapshot.config`
+CLASSIFIER_CONFIG = "classifier_config.json"  # a classifier run's EncoderUNet kwargs and preconditioning
 
 
 def as_dict(section) -> dict:
@@ -133,6 +142,72 @@ def load_training_checkpoint(path, dtype=jnp.float32):
     }
     params = jax.tree.map(jnp.asarray, {"params": ema, **state.get("buffers", {})})
     return convert.Snapshot(config=snap_config, params=params, module=module, process=process)
+
+
+def load_converted(workdir, dtype=jnp.float32):
+    """The `convert.Snapshot` that `--mode=convert` (`convert.write_converted`) wrote into `workdir`."""
+    import orbax.checkpoint as ocp
+
+    from edm_jax import convert
+
+    workdir = os.path.abspath(workdir)
+    config_path = os.path.join(workdir, CONVERTED_CONFIG)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found; run main.py --mode=convert --workdir={workdir} first")
+    with open(config_path) as f:
+        config = json.load(f)
+    if not {"img_resolution", "in_channels", "out_channels"} <= set(config["network"]):
+        raise convert.SnapshotError(f"{config_path} lacks the network's img_resolution/in_channels/out_channels")
+    module = convert.network_from_config(config["network"], dtype=dtype)
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), convert.variable_shapes(module))
+    variables = ocp.StandardCheckpointer().restore(os.path.join(workdir, CONVERTED_DIR), target)
+    return convert.Snapshot(config=config, params=variables, module=module, process=process_from_config(config))
+
+
+def classifier_network(kwargs: Mapping):
+    """The `EncoderUNet` of a classifier_config.json's `network` kwargs (JSON lists and dtype names)."""
+    from edm_jax.networks.classifier import EncoderUNet
+
+    kwargs = dict(kwargs)
+    for k in ("channel_mult", "attn_resolutions"):
+        if k in kwargs:
+            kwargs[k] = tuple(kwargs[k])
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    return EncoderUNet(**kwargs)
+
+
+def load_classifier(workdir: str):
+    """(module, variables, precond) of the newest checkpoint of a `train_classifier` run in `workdir`.
+
+    The checkpoint holds the whole train state (step, params, opt_state), so it is restored into that
+    state's shapes (`classifier_train.abstract_state` with the default optimizer) and the params kept.
+    """
+    from edm_jax.checkpoint import Checkpointer
+    from edm_jax.classifier_train import abstract_state
+    from edm_jax.diffusion.precond import make_precond
+    from edm_jax.distributed import make_mesh, replicated
+    from edm_jax.train import make_optimizer
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    path = os.path.join(workdir, CLASSIFIER_CONFIG)
+    if not os.path.isfile(path):
+        raise OSError(f"{path} not found: {workdir} is not a train_classifier run directory")
+    with open(path) as f:
+        meta = json.load(f)
+    module = classifier_network(meta["network"])
+    precond = make_precond(meta["precond"]["kind"], **meta["precond"].get("kwargs", {}))
+    shape = (module.img_resolution, module.img_resolution, module.in_channels)
+    _, abstract = abstract_state(module, make_optimizer(), shape, replicated(make_mesh()))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        restored = ckpt.restore_latest(abstract)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise OSError(f"no classifier checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    state, _ = restored
+    return module, {"params": state["params"]}, precond
 
 
 def _restore_on_host(path):
