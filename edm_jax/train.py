@@ -32,6 +32,10 @@ The loop (`run_loop`) is the one training skeleton: workdir lock, logs, resume p
 and checkpoints (edm_jax/checkpoint.py) around an `Objective` — the diffusion model's
 (`train_and_evaluate`, the only part that reads a diffusion config) or the noise-aware classifier's
 (`classifier_train`). The snapshot grids are `--mode=sample`'s sample function (`generation.sample_fn`).
+
+Messages go to the `edm_jax` loggers and, for the run's duration, to its log.txt; the library attaches no
+console handler. main.py shows them on stdout; a Python caller (`train_and_evaluate(config, workdir)`)
+sees them with `logging.basicConfig(level=logging.INFO)`.
 """
 
 from __future__ import annotations
