@@ -182,8 +182,7 @@ class _Watchdog:
     def __init__(self, timeout: float, on_peer_lost: Optional[Callable[[str], None]] = None):
         from jax._src import distributed as jax_distributed
 
-        self.on_peer_lost = on_peer_lost or log.critical
-
+        self.on_peer_lost = on_peer_lost or log.critical  # main.py's prints the error line; else logged
         self.client = jax_distributed.global_state.client
         self.timeout = float(timeout)
         self.me, self.count = jax.process_index(), jax.process_count()
