@@ -127,7 +127,10 @@ def test_vmap_over_an_extra_axis_equals_a_loop():
     stacked = jnp.stack([LATENTS[:4], LATENTS[4:]])
     run = functools.partial(sampling.edm_sampler, MIXTURE.denoise, num_steps=5)
     out = jax.jit(jax.vmap(run))(stacked)
-    np.testing.assert_allclose(out[1], jax.jit(run)(LATENTS[4:]), rtol=1e-6, atol=1e-6)
+    # Float32 rounding only (seen up to 2e-6 relative): XLA:CPU picks its kernels by shape and by the host's
+    # vector units, so a vmapped program rounds differently in the last bits. Mixing the two halves would
+    # move values by O(1).
+    np.testing.assert_allclose(out[1], jax.jit(run)(LATENTS[4:]), rtol=1e-5, atol=1e-5)
 
 
 STOCH = dict(num_steps=8, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
@@ -138,7 +141,10 @@ def test_per_image_keys_make_images_independent_of_the_batch():
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(7), s))(jnp.arange(8))
     whole = run(LATENTS, keys)
     parts = jnp.concatenate([run(LATENTS[:3], keys[:3]), run(LATENTS[3:], keys[3:])])
-    np.testing.assert_array_equal(whole, parts)
+    # Equal to float32 rounding: batches of 3, 5 and 8 compile to different kernels, which round differently
+    # in the last bits on some hosts (seen: 1.4e-5 relative, CI). Noise shared across the batch, or drawn by
+    # position in it, would move these images by O(1) (the key check below: > 1e-3).
+    np.testing.assert_allclose(whole, parts, rtol=1e-5, atol=1e-5)
     # One key: image i uses fold_in(key, i), so it equals passing those keys explicitly.
     np.testing.assert_array_equal(run(LATENTS, jax.random.key(7)), whole)
     # The key matters, and the churn noise really is used.
