@@ -52,3 +52,35 @@ def enable(where: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return str(where)
+
+
+def write_from_every_cpu_process() -> None:
+    """Let every process of a multi-process CPU run write its own persistent-cache entries.
+
+    JAX writes entries only from process 0, so that hosts sharing a bucket do not contend. On CPU the cache
+    key holds the process's own part of the topology, so process 0's entries never match process 1's
+    programs: process 1 recompiled everything on every launch and reached the first collective tens of
+    seconds after process 0 (seen as gloo rendezvous timeouts on a loaded machine). Each process's keys are
+    its own, so their writes cannot collide. Accelerator runs keep JAX's rule. Relies on JAX 0.10's private
+    `compiler._cache_write` (pinned in requirements.txt); without it this does nothing.
+    """
+    from jax._src import compilation_cache, compiler, config, distributed
+
+    original = getattr(compiler, "_cache_write", None)
+    if original is None or getattr(original, "_edm_jax_every_process", False):
+        return
+
+    def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+        if distributed.global_state.process_id == 0 or backend.platform != "cpu":
+            return original(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
+        if host_callbacks or compile_time_secs < config.persistent_cache_min_compile_time_secs.value:
+            return None  # JAX's own rules for what is worth keeping
+        try:
+            compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
+                                                      int(compile_time_secs))
+        except Exception as e:  # noqa: BLE001 (a cache that cannot be written only costs a recompile)
+            log.warning("compilation cache: could not write %s (%s)", module_name, e)
+        return None
+
+    cache_write._edm_jax_every_process = True
+    compiler._cache_write = cache_write

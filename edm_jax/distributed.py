@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from edm_jax import compile_cache
+
 __all__ = ["DistributedError", "initialize", "make_mesh", "replicated", "replicate", "PEER_EXIT_STATUS"]
 
 PEER_EXIT_STATUS = 3  # the exit status of a process whose peer stopped responding
@@ -116,6 +118,7 @@ def initialize(on_peer_lost: Optional[Callable[[str], None]] = None) -> bool:
     if os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
         # CPU collectives across processes need gloo (the default has none across processes).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        compile_cache.write_from_every_cpu_process()
     if address is not None and index != 0:
         _wait_for_coordinator(address, init_timeout)
     try:
