@@ -66,3 +66,49 @@ def test_key_draws_are_per_example():
     assert full.shape == (4, 4, 4, 6)
     with pytest.raises(ValueError, match="reduce must be"):
         psld_loss(net, images, sde=sde, key=keys, reduce="avg")
+
+
+@pytest.mark.parametrize("kind", ["psld", "vp"])
+def test_lognormal_times_map_the_same_uniform_draws(kind):
+    """t_lognormal=(P_mean, P_std): ln t = P_mean + P_std·Φ⁻¹(u) from the same u, clipped into [ε_train, T];
+    the loss sees exactly those times, and off it is the paper's t = u(T − ε_train) + ε_train."""
+    from jax.scipy.stats import norm
+
+    from edm_jax.diffusion.psld_loss import train_times
+
+    sde = PhaseSpaceSDE() if kind == "psld" else VPSDE(0.1, 20.0)
+    p_mean, p_std = -2.5, 1.0
+    k = np.array([-2.0, -1.0, 0.0, 0.5, 1.5])
+    inside = np.asarray(train_times(sde, norm.cdf(jnp.asarray(k)), (p_mean, p_std)))
+    np.testing.assert_allclose(inside, np.exp(p_mean + p_std * k), rtol=1e-5)
+    ends = np.asarray(train_times(sde, jnp.array([0.0, 1e-9, 1 - 1e-7]), (p_mean, 3.0)))
+    np.testing.assert_allclose(ends, [sde.train_eps, sde.train_eps, sde.T], rtol=1e-6)
+    u = jax.random.uniform(jax.random.key(0), (4,))
+    images = jax.random.normal(jax.random.key(1), (4, 2, 2, 3))
+    eps = jax.random.normal(jax.random.key(2), (4, 2, 2, 6 if kind == "psld" else 3))
+    for lognormal, want in (((p_mean, p_std), train_times(sde, u, (p_mean, p_std))),
+                            (None, u * (sde.T - sde.train_eps) + sde.train_eps)):
+        seen = {}
+        net = recording_net(jnp.zeros_like(eps), seen)
+        if kind == "psld":
+            psld_loss(net, images, sde=sde, t_uniform=u, m0_noise=jnp.zeros_like(images), eps=eps,
+                      t_lognormal=lognormal)
+        else:
+            vpsde_loss(net, images, sde=sde, t_uniform=u, eps=eps, t_lognormal=lognormal)
+        np.testing.assert_allclose(seen["t"], want, rtol=1e-6)
+    # The proposal moves draws towards small t: of a fine grid of u, the share landing in t ∈ [0.02, 0.2]
+    # (where the quickstart's shapes are decided) grows from under a fifth to over a half.
+    grid = jnp.linspace(0.0005, 0.9995, 1000)
+    share = lambda t: float(jnp.mean((t >= 0.02) & (t <= 0.2)))  # noqa: E731
+    assert share(train_times(sde, grid)) < 0.2 < 0.5 < share(train_times(sde, grid, (p_mean, p_std)))
+
+
+def test_lognormal_is_checked_and_kept_in_the_run_description():
+    from edm_jax.diffusion.psld_process import psld_process
+
+    proc = psld_process("psld", t_lognormal=[-2.5, 1.0])
+    assert proc.t_lognormal == (-2.5, 1.0)
+    assert psld_process(**proc.describe()) == proc  # what a run directory stores rebuilds the same process
+    assert "t_lognormal" not in psld_process("psld").describe()
+    with pytest.raises(ValueError, match=r"t_lognormal must be \(P_mean, P_std\) with P_std > 0"):
+        psld_process("psld", t_lognormal=(-2.5, 0.0))

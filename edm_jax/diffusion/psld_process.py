@@ -67,17 +67,22 @@ class PSLDProcess:
     reported model) or DSM. embedding: the network's noise embedding, 'fourier' (log t) or 'positional' (t).
     eps_skip: None (the paper: the network output is ε̂) or a data standard deviation s: ε̂ = ε_G(z, t) +
     network, ε_G the exact ε for data N(0, s² I) (`gaussian_data_eps`), so the network learns the residual
-    — EDM's c_skip idea in ε form; not in the reference, used by the CPU quickstart only."""
+    — EDM's c_skip idea in ε form; not in the reference, used by the CPU quickstart only. t_lognormal:
+    None (the paper: t ~ U(ε_train, T)) or (P_mean, P_std), training times log-normal in t
+    (`psld_loss.train_times`); not in the reference, used by the CPU quickstart only."""
 
     sde: Any
     hsm: bool = True
     embedding: str = "fourier"
     name: str = "psld"
     eps_skip: Optional[float] = None
+    t_lognormal: Optional[tuple[float, float]] = None
 
     def __post_init__(self):
         if self.embedding not in ("fourier", "positional"):
             raise ValueError(f"embedding must be 'fourier' or 'positional', got {self.embedding!r}")
+        if self.t_lognormal is not None and not (len(self.t_lognormal) == 2 and self.t_lognormal[1] > 0):
+            raise ValueError(f"t_lognormal must be (P_mean, P_std) with P_std > 0, got {self.t_lognormal!r}")
 
     @property
     def phase_space(self) -> bool:
@@ -112,9 +117,9 @@ class PSLDProcess:
         """Per-element ε-MSE [N, H, W, C_out] · C / C_out (module docstring)."""
         fn = lambda z, t, y: model_fn(z, t, y, augment_labels)  # noqa: E731
         if self.phase_space:
-            loss = psld_loss(fn, images, labels, sde=self.sde, key=key, hsm=self.hsm)
+            loss = psld_loss(fn, images, labels, sde=self.sde, key=key, hsm=self.hsm, t_lognormal=self.t_lognormal)
         else:
-            loss = vpsde_loss(fn, images, labels, sde=self.sde, key=key)
+            loss = vpsde_loss(fn, images, labels, sde=self.sde, key=key, t_lognormal=self.t_lognormal)
         return loss * (images.shape[-1] / loss.shape[-1])
 
     # ---- Sampling.
@@ -187,8 +192,11 @@ class PSLDProcess:
         return likelihood.psld_ode_log_likelihood(model_fn, x, class_labels, sde=self.sde, key=key, **options)
 
     def describe(self) -> dict:
-        skip = {} if self.eps_skip is None else {"eps_skip": self.eps_skip}
-        return {"kind": self.name, **dataclasses.asdict(self.sde), "hsm": self.hsm, "embedding": self.embedding, **skip}
+        extra = {} if self.eps_skip is None else {"eps_skip": self.eps_skip}
+        if self.t_lognormal is not None:
+            extra["t_lognormal"] = list(self.t_lognormal)
+        return {"kind": self.name, **dataclasses.asdict(self.sde), "hsm": self.hsm, "embedding": self.embedding,
+                **extra}
 
 
 def gaussian_data_eps(sde, z, t, s):
@@ -208,7 +216,7 @@ def gaussian_data_eps(sde, z, t, s):
 
 
 def psld_process(kind: str = "psld", *, hsm: bool = True, embedding: str = "fourier", eps_skip=None,
-                 **hyperparameters):
+                 t_lognormal=None, **hyperparameters):
     """'psld' / 'cld' (PhaseSpaceSDE; defaults: CIFAR-10 SOTA Γ = 0.01, resp. Γ = 0, ν = 4) or 'vpsde'
     (VPSDE), with the SDE's hyperparameters (beta_min, beta_max, gamma, nu, kappa, ...)."""
     cls = VPSDE if kind == "vpsde" else PhaseSpaceSDE
@@ -217,6 +225,7 @@ def psld_process(kind: str = "psld", *, hsm: bool = True, embedding: str = "four
     unknown = sorted(set(hyperparameters) - fields)
     if unknown:
         raise ValueError(f"the {kind!r} process has no hyperparameter(s) {unknown}; it takes "
-                         f"{sorted(fields | {'hsm', 'embedding', 'eps_skip'})}")
+                         f"{sorted(fields | {'hsm', 'embedding', 'eps_skip', 't_lognormal'})}")
     return PSLDProcess(sde=cls(**{**defaults, **hyperparameters}), hsm=bool(hsm), embedding=embedding, name=kind,
-                       eps_skip=None if eps_skip is None else float(eps_skip))
+                       eps_skip=None if eps_skip is None else float(eps_skip),
+                       t_lognormal=None if t_lognormal is None else tuple(float(v) for v in t_lognormal))
