@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 
 __all__ = ["Checkpointer", "CheckpointError", "checksums", "verify_checksums"]
@@ -41,9 +42,20 @@ log = logging.getLogger(__name__)
 # sliced eight ways, their writes cost far more than the bytes (first save of a tiny state: 13-17 s on CPU,
 # 2-3 s unsliced). Arrays under 1 MiB per slice are written whole by one replica; large ones still split.
 MIN_SLICE_BYTES = 1 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES),
-    override=True)
+
+
+def _register_array_handler():
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # the override is deliberate: no WARNING line on every run
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES),
+            override=True)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+_register_array_handler()
 
 
 class CheckpointError(RuntimeError):
