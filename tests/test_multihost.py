@@ -297,7 +297,7 @@ def test_wrong_process_id_is_one_sentence(launch):
 def test_unreachable_coordinator_is_one_sentence(launch):
     # Process 1 alone: nobody serves the coordinator port; bounded by EDM_JAX_INIT_TIMEOUT.
     t0 = time.time()
-    (p,) = launch(_tiny("/nonexistent.zip", 4) + ["--workdir=/nonexistent"], ids=[1], env={"EDM_JAX_INIT_TIMEOUT": "5"})
+    (p,) = launch(_tiny("/nonexistent.zip", 4) + ["--workdir=/nonexistent"], ids=[1], env={"EDM_JAX_INIT_TIMEOUT": "2"})
     rc, out = _finish([p], timeout=90)[0]
     assert rc == 2 and "error: the coordinator JAX_COORDINATOR_ADDRESS=127.0.0.1:" in out, out[-2000:]
     assert time.time() - t0 < 60
