@@ -8,7 +8,17 @@ import os
 # tiny. Measured file by file, cold: 1593 -> 1350 CPU s; compile-bound files gain most (test_process
 # 78 -> 40 s, test_train 124 -> 80 s), the Inception-bound ones lose some (test_evaluate 25 -> 36 s).
 # Results move by rounding only: every comparison is against a tolerance or between programs built alike.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# Eigen's intra-op threads off: 8 simulated devices on 2 shared cores spent much of the suite spinning in
+# them (test_sampling 69 -> 28 CPU s, sys 20 -> 2 s; test_networks + test_fid 106 -> 75 s).
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process (in-process and `main.py` subprocesses) with `devices` CPU devices."""
+    return (f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+            "--xla_cpu_multi_thread_eigen=false")
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json

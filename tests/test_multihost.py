@@ -21,6 +21,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 IMAGES, BATCH = 256, 16  # the zip's size and the global batch: 4 steps read 64 images, all of epoch 0
@@ -54,7 +55,7 @@ def launch(tmp_path_factory):
         started = []
         for i in (range(processes) if ids is None else ids):
             e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+                     XLA_FLAGS=xla_flags(devices),
                      JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                      EDM_JAX_INIT_TIMEOUT="60", EDM_JAX_PEER_TIMEOUT="8")
             if processes > 1:

@@ -13,6 +13,7 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -23,7 +24,7 @@ TINY = ["--config=configs/quickstart.py", "--config.data.synthetic.n=256", "--co
         "--config.train.tick_kimg=64", "--config.train.snapshot_ticks=1", "--config.train.progress_sec=1",
         "--config.sample.num_images=0"]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu",
-           XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+           XLA_FLAGS=xla_flags(2))
 
 
 def _start(workdir, *extra):
