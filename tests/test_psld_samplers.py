@@ -226,18 +226,29 @@ def test_ode_transports_gaussian_moments():
     np.testing.assert_allclose(B @ B.T, P0, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("sampler,steps,stride,std_tol", [("em", 100, "uniform", 0.06), ("sscs", 100, "uniform", 0.06),
-                                                           ("em", 50, "quadratic", 0.06)])
+LAW_CASES = [("em", 100, "uniform", 0.06), ("sscs", 100, "uniform", 0.06), ("em", 50, "quadratic", 0.06)]
+LAW_MU, LAW_S, LAW_N = jnp.linspace(-0.5, 0.5, 8).reshape(2, 2, 2), 0.35, 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _law_samples():
+    """4096 data-space samples of each case, from the same z_T, all three in one program (one compile)."""
+    sde = PhaseSpaceSDE()
+
+    def all_cases():
+        z_T = sde.prior(jax.random.key(0), (LAW_N, 2, 2, 2))
+        return [sde.to_data(SAMPLERS[sampler](gaussian_eps_fn(sde, LAW_MU, LAW_S), z_T, sde=sde, num_steps=steps,
+                                              stride=stride, key=jax.random.key(1))[0])
+                for sampler, steps, stride, _ in LAW_CASES]
+    return [np.asarray(x) for x in jit_fast(all_cases)()]
+
+
+@pytest.mark.parametrize("sampler,steps,stride,std_tol", LAW_CASES)
 def test_samplers_reproduce_the_data_law(sampler, steps, stride, std_tol):
     """Exact score, 4096 samples of 8 dims (the notes' check): |mean − μ| < 5 s/√n, |std/s − 1| < tol."""
-    sde = PhaseSpaceSDE()
-    mu = jnp.linspace(-0.5, 0.5, 8).reshape(2, 2, 2)
-    n, s = 4096, 0.35
-    z_T = sde.prior(jax.random.key(0), (n, 2, 2, 2))
-    z0, _ = jit_fast(lambda z: SAMPLERS[sampler](gaussian_eps_fn(sde, mu, s), z, sde=sde, num_steps=steps, stride=stride,
-                                                key=jax.random.key(1)))(z_T)
-    x = np.asarray(sde.to_data(z0))
-    assert np.max(np.abs(x.mean(0) - np.asarray(mu))) < 5 * s / np.sqrt(n)
+    n, s = LAW_N, LAW_S
+    x = _law_samples()[LAW_CASES.index((sampler, steps, stride, std_tol))]
+    assert np.max(np.abs(x.mean(0) - np.asarray(LAW_MU))) < 5 * s / np.sqrt(n)
     assert abs(np.mean(x.std(0)) / s - 1) < std_tol
 
 
@@ -272,15 +283,18 @@ def test_classifier_guidance_is_the_conditional_score():
         guided = S.psld_classifier_guided(uncond_eps, log_prob, 1.0, sde=sde)
         z = jax.random.normal(jax.random.key(3), (4, 2, 2, 2))
         t = jnp.asarray([0.01, 0.2, 0.5, 0.9])
-        y = jnp.asarray([0, 1, 1, 0])
-        # One program per function (eagerly, each of the many small float64 ops would compile on its own).
-        want = jit_fast(lambda z, t: jnp.stack([sde.eps_from_score(scores[int(k)](z, t), t)[i]
-                                               for i, k in enumerate(np.asarray(y))]))(z, t)
-        np.testing.assert_allclose(jit_fast(guided)(z, t, y), want, rtol=1e-9, atol=1e-10)
-        # A classifier fed reverse time τ = 1 − t (the reference's bug) gives a different answer.
+        labels = [0, 1, 1, 0]
+        y = jnp.asarray(labels)
         wrong = S.psld_classifier_guided(uncond_eps, lambda zz, tt, yy: log_prob(zz, 1.0 - tt, yy), 1.0, sde=sde)
-        assert np.max(np.abs(np.asarray(jit_fast(wrong)(z, t, y) - want))) > 1e-3
+
+        def all_four(z, t, y, z_T):  # one program (eagerly, each of the many small float64 ops would compile)
+            want = jnp.stack([sde.eps_from_score(scores[int(k)](z, t), t)[i] for i, k in enumerate(labels)])
+            z0, _ = S.em_sampler(guided, z_T, y, sde=sde, num_steps=20, key=jax.random.key(5))
+            return want, guided(z, t, y), wrong(z, t, y), z0
+
+        want, got, got_wrong, z0 = jit_fast(all_four)(z, t, y, sde.prior(jax.random.key(4), (4, 2, 2, 1), jnp.float64))
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
+        # A classifier fed reverse time τ = 1 − t (the reference's bug) gives a different answer.
+        assert np.max(np.abs(np.asarray(got_wrong) - np.asarray(want))) > 1e-3
         # And the guided ε drives the EM sampler (jit, lax.scan) end to end.
-        z0, _ = jit_fast(lambda zz: S.em_sampler(guided, zz, y, sde=sde, num_steps=20, key=jax.random.key(5)))(
-            sde.prior(jax.random.key(4), (4, 2, 2, 1), jnp.float64))
         assert np.all(np.isfinite(np.asarray(z0)))
