@@ -22,6 +22,7 @@ MIXTURE = GaussianMixture(FIXTURE["means"], FIXTURE["stds"], FIXTURE["weights"])
 LATENTS = FIXTURE["latents"]
 CASES = [c for c in __import__("json").loads(FIXTURE["cases"])]
 SAMPLER_CASES = [c for c in CASES if FIXTURE[f"{c}/kwargs"]["kind"] == "sampler"]
+FLOAT32_CASES = [c for c in SAMPLER_CASES if FIXTURE[f"{c}/kwargs"]["sampler"] != "sample_dpm_adaptive"]
 SCHEDULE_CASES = [c for c in CASES if FIXTURE[f"{c}/kwargs"]["kind"] == "schedule"]
 
 
@@ -29,15 +30,14 @@ def _name(kw):
     return kw["sampler"].removeprefix("sample_")
 
 
-def _run_case(case, dtype):
-    """Run one fixture case through our sampler under jit; returns (out, σ of every call, info or None)."""
+def _case_fn(case, dtype, calls):
+    """One fixture case as a function of (latents, noise), recording σ of every denoiser call into `calls`."""
     kw = FIXTURE[f"{case}/kwargs"]
     name, args = _name(kw), dict(kw["args"])
     if name == "dpm_adaptive":
         args["batch_error"] = True  # k-diffusion's batch-wide error norm
     sigmas = FIXTURE[f"{case}/sigmas"]
     grid = {} if kw["sigmas"] is None else {"sigmas": sigmas}
-    calls = []
 
     def recording(x, sigma, class_labels):
         # The callback thread does not see the enable_x64 context, so ship σ's bits, not σ.
@@ -45,13 +45,38 @@ def _run_case(case, dtype):
         jax.debug.callback(lambda b: calls.append(np.asarray(b).view(np.dtype(dtype)).item()), bits, ordered=True)
         return MIXTURE.denoise(x, sigma)
 
-    noise = FIXTURE[f"{case}/noise"]
-    noise = jnp.asarray(noise, dtype) if noise.shape[0] else None
-    fn = jit_fast(lambda lat, nz: ksamplers.KSAMPLERS[name](recording, lat, noise=nz, **grid, **args))
-    result = fn(jnp.asarray(LATENTS, dtype), noise)
+    return lambda lat, nz: ksamplers.KSAMPLERS[name](recording, lat, noise=nz, **grid, **args)
+
+
+@functools.lru_cache(maxsize=None)
+def _run_cases(cases, dtype):
+    """Run fixture cases through our samplers under one jit; {case: (out, σ of every call, info or None)}.
+
+    One program holds every case (each its own sampler on the same latents, recording into its own list):
+    XLA compiles it in well under half the time of one program per case, and each case's ops are its own.
+    """
+    calls = {case: [] for case in cases}
+    fns = [_case_fn(case, dtype, calls[case]) for case in cases]
+    noises = []
+    for case in cases:
+        noise = FIXTURE[f"{case}/noise"]
+        noises.append(np.asarray(noise, dtype) if noise.shape[0] else None)
+    fn = jit_fast(lambda lat, nzs: [f(lat, nz) for f, nz in zip(fns, nzs)])
+    results = fn(np.asarray(LATENTS, dtype), noises)
     jax.effects_barrier()
-    out, info = result if name == "dpm_adaptive" else (result, None)
-    return np.asarray(out, np.float64), np.asarray(calls), info
+    out = {}
+    for case, result in zip(cases, results):
+        res, info = result if _name(FIXTURE[f"{case}/kwargs"]) == "dpm_adaptive" else (result, None)
+        out[case] = np.asarray(res, np.float64), np.asarray(calls[case]), info
+    return out
+
+
+def _run_case(case, dtype):
+    """One case's (out, σ of every call, info or None), from the one program of all cases of its test."""
+    if dtype == jnp.float64:
+        with jax.enable_x64(True):
+            return _run_cases(tuple(SAMPLER_CASES), jnp.float64)[case]
+    return _run_cases(tuple(FLOAT32_CASES), jnp.float32)[case]
 
 
 def _rel_max(a, b):
@@ -61,8 +86,7 @@ def _rel_max(a, b):
 @pytest.mark.parametrize("case", SAMPLER_CASES)
 def test_parity_float64(case):
     kw = FIXTURE[f"{case}/kwargs"]
-    with jax.enable_x64(True):
-        out, calls, info = _run_case(case, jnp.float64)
+    out, calls, info = _run_case(case, jnp.float64)
     want = FIXTURE[f"{case}/denoiser_sigmas"]
     assert len(calls) == kw["nfe"] == len(want)
     adaptive = _name(kw) == "dpm_adaptive"
@@ -77,7 +101,7 @@ def test_parity_float64(case):
         assert ksamplers.num_draws(_name(kw), grid, **kw["args"]) == kw["noise"]["num_draws"]
 
 
-@pytest.mark.parametrize("case", [c for c in SAMPLER_CASES if FIXTURE[f"{c}/kwargs"]["sampler"] != "sample_dpm_adaptive"])
+@pytest.mark.parametrize("case", FLOAT32_CASES)
 def test_parity_float32(case):
     out, calls, _ = _run_case(case, jnp.float32)
     assert len(calls) == FIXTURE[f"{case}/kwargs"]["nfe"]
@@ -110,29 +134,41 @@ STOCHASTIC = {"euler": dict(s_churn=10.0), "euler_ancestral": {}, "dpm_2_ancestr
               "dpm_adaptive": dict(eta=0.5, rtol=0.1, atol=0.05)}
 
 
+KEYS8 = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(8))
+
+
 @functools.lru_cache(maxsize=None)
-def _jitted(name):
-    hyper = STOCHASTIC[name]
-    fn = lambda lat, keys: ksamplers.KSAMPLERS[name](MIXTURE.denoise, lat, sigmas=GRID, key=keys, **hyper)
-    return jit_fast(fn)
+def _jitted():
+    """All stochastic samplers in one program, {name: output}: one compile per (batch, key kind) for all nine."""
+    def run(lat, keys):
+        return {name: ksamplers.KSAMPLERS[name](MIXTURE.denoise, lat, sigmas=GRID, key=keys, **hyper)
+                for name, hyper in STOCHASTIC.items()}
+    return jit_fast(run)
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_runs():
+    """Every sampler on the batch of 8 (per-image keys, and one key 7 or 8) and on its two halves of 4."""
+    run, lat = _jitted(), np.asarray(LAT8)
+    # Two halves of one shape: one compile serves both, and 4 ≠ 8 still changes the batch.
+    return dict(whole=run(lat, KEYS8), half1=run(lat[:4], KEYS8[:4]), half2=run(lat[4:], KEYS8[4:]),
+                key7=run(lat, jax.random.key(7)), key8=run(lat, jax.random.key(8)))
 
 
 @pytest.mark.parametrize("name", sorted(STOCHASTIC))
 def test_per_image_keys_make_images_independent_of_the_batch(name):
-    run = _jitted(name)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(7), i))(jnp.arange(8))
-    first = lambda r: r[0] if name == "dpm_adaptive" else r
-    whole = first(run(LAT8, keys))
-    # Two halves of one shape: one compile serves both, and 4 ≠ 8 still changes the batch.
-    parts = jnp.concatenate([first(run(LAT8[:4], keys[:4])), first(run(LAT8[4:], keys[4:]))])
+    runs = {k: v[name] for k, v in _batch_runs().items()}
+    first = lambda r: np.asarray(r[0] if name == "dpm_adaptive" else r)
+    whole = first(runs["whole"])
+    parts = np.concatenate([first(runs["half1"]), first(runs["half2"])])
     if name == "dpm_adaptive":  # per-image error control: each image takes its own steps
-        nfe = run(LAT8, keys)[1]["nfe"]
-        np.testing.assert_array_equal(nfe[:4], run(LAT8[:4], keys[:4])[1]["nfe"])
-        assert len(set(np.asarray(nfe).tolist())) > 1  # and they differ between images
+        nfe = np.asarray(runs["whole"][1]["nfe"])
+        np.testing.assert_array_equal(nfe[:4], runs["half1"][1]["nfe"])
+        assert len(set(nfe.tolist())) > 1  # and they differ between images
     # Bitwise equality is not promised: XLA may block a batch-4 matmul differently from a batch-8 one.
     np.testing.assert_allclose(whole, parts, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(first(run(LAT8, jax.random.key(7))), whole)  # one key = fold_in(key, i)
-    assert float(jnp.max(jnp.abs(first(run(LAT8, jax.random.key(8))) - whole))) > 1e-3  # the noise is used
+    np.testing.assert_array_equal(first(runs["key7"]), whole)  # one key = fold_in(key, i)
+    assert float(np.max(np.abs(first(runs["key8"]) - whole))) > 1e-3  # the noise is used
 
 
 def test_one_scan_whatever_the_grid_length():
@@ -162,15 +198,16 @@ def test_capped_eta_skips_the_second_evaluation_inside_the_scan():
 def test_vmap_over_an_extra_axis_equals_a_loop():
     run = functools.partial(ksamplers.dpmpp_2m, MIXTURE.denoise, sigmas=GRID)
     stacked = jnp.stack([LAT8[:4], LAT8[4:]])
-    np.testing.assert_allclose(jit_fast(jax.vmap(run))(stacked)[1], jit_fast(run)(LAT8[4:]), rtol=1e-5, atol=1e-5)
+    vmapped, looped = jit_fast(lambda s, x: (jax.vmap(run)(s), run(x)))(stacked, LAT8[4:])  # one compile
+    np.testing.assert_allclose(vmapped[1], looped, rtol=1e-5, atol=1e-5)
 
 
 def test_heun_on_the_karras_grid_is_edm_sampler():
     with jax.enable_x64(True):
         lat = jnp.asarray(LATENTS, jnp.float64)
-        ours = jit_fast(lambda x: ksamplers.KSAMPLERS["edm"](MIXTURE.denoise, x,
-                                                             sigmas=ksigmas.karras_sigmas(9, 0.002, 80.0)))(lat)
-        ref = jit_fast(lambda x: sampling.edm_sampler(MIXTURE.denoise, x, num_steps=9))(lat)
+        ours, ref = jit_fast(lambda x: (  # one program, one compile
+            ksamplers.KSAMPLERS["edm"](MIXTURE.denoise, x, sigmas=ksigmas.karras_sigmas(9, 0.002, 80.0)),
+            sampling.edm_sampler(MIXTURE.denoise, x, num_steps=9)))(lat)
         assert float(jnp.max(jnp.abs(ours - ref))) < 1e-12
 
 
@@ -179,12 +216,12 @@ def test_deterministic_samplers_agree_with_a_fine_solution():
 
     Measured RMS: euler 2.1e-2, heun 3.1e-3, dpm_2 1.8e-3, lms 1.4e-3, dpmpp_2m 3.4e-3.
     """
-    fine = jit_fast(lambda x: ksamplers.heun(MIXTURE.denoise, x, sigmas=ksigmas.karras_sigmas(400, 0.002, 80.0)))(
-        LATENTS)
     grid = ksigmas.karras_sigmas(40, 0.002, 80.0)
-    run = lambda name: jit_fast(lambda x: ksamplers.KSAMPLERS[name](MIXTURE.denoise, x, sigmas=grid))(LATENTS)
-    rms = {name: float(jnp.sqrt(jnp.mean((run(name) - fine) ** 2))) for name in ("euler", "heun", "dpm_2", "lms",
-                                                                                  "dpmpp_2m")}
+    names = ("euler", "heun", "dpm_2", "lms", "dpmpp_2m")
+    fine, runs = jit_fast(lambda x: (  # the fine solution and the five samplers in one compile
+        ksamplers.heun(MIXTURE.denoise, x, sigmas=ksigmas.karras_sigmas(400, 0.002, 80.0)),
+        {name: ksamplers.KSAMPLERS[name](MIXTURE.denoise, x, sigmas=grid) for name in names}))(LATENTS)
+    rms = {name: float(jnp.sqrt(jnp.mean((runs[name] - fine) ** 2))) for name in names}
     assert rms["euler"] < 0.05, rms
     assert all(rms[name] < rms["euler"] / 5 for name in rms if name != "euler"), rms
 

@@ -17,20 +17,30 @@ LATENTS = nchw_to_nhwc(FIXTURE["latents"])
 CASES = sorted({k.split("/")[0] for k in FIXTURE if k.endswith("/kwargs")})
 
 
+@functools.lru_cache(maxsize=None)
+def _parity_runs():
+    """Every fixture case under one jit (one compile for all), {case: (out, σ of every denoiser call)}."""
+    calls, fns, noises = {}, [], []
+    for case in CASES:
+        kwargs = dict(FIXTURE[f"{case}/kwargs"])
+        sampler = getattr(sampling, kwargs.pop("sampler"))
+        record = calls.setdefault(case, [])
+
+        def recording_denoiser(x, sigma, class_labels, record=record):
+            jax.debug.callback(lambda s: record.append(float(s[0])), sigma, ordered=True)
+            return MIXTURE.denoise(x, sigma)
+
+        fns.append(functools.partial(sampler, recording_denoiser, **kwargs))
+        noises.append(np.transpose(FIXTURE[f"{case}/noise"], (0, 1, 3, 4, 2)))
+    outs = jax.jit(lambda lat, nzs: [f(lat, noise=nz) for f, nz in zip(fns, nzs)])(LATENTS, noises)
+    jax.effects_barrier()
+    return {case: (out, calls[case]) for case, out in zip(CASES, outs)}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_parity_with_reference(case):
     """Same σ at every denoiser call, in order, and the same samples (rel. err < 1e-5)."""
-    kwargs = dict(FIXTURE[f"{case}/kwargs"])
-    sampler = getattr(sampling, kwargs.pop("sampler"))
-    noise = np.transpose(FIXTURE[f"{case}/noise"], (0, 1, 3, 4, 2))
-    calls = []
-
-    def recording_denoiser(x, sigma, class_labels):
-        jax.debug.callback(lambda s: calls.append(float(s[0])), sigma, ordered=True)
-        return MIXTURE.denoise(x, sigma)
-
-    out = jax.jit(lambda lat, nz: sampler(recording_denoiser, lat, noise=nz, **kwargs))(LATENTS, noise)
-    jax.effects_barrier()
+    out, calls = _parity_runs()[case]
     sigmas = FIXTURE[f"{case}/denoiser_sigmas"]
     assert len(calls) == len(sigmas)  # NFE, incl. 2N − 1 for Heun
     np.testing.assert_allclose(calls, sigmas, rtol=1e-6)  # float32 rounding of float64 grid values
@@ -84,14 +94,17 @@ def test_convergence_order_euler_1_heun_2():
     Paper grid (σ ∈ [0.002, 80], ρ = 7); float64 keeps round-off out of the fit. Measured slopes:
     Euler 1.06 / 1.01 / 1.00, Heun 2.23 / 2.11 / 2.05 between successive doublings of N = 16 … 128.
     """
+    ns = np.array([16, 32, 64, 128])
+    solvers = ("euler", "heun")
     with jax.enable_x64(True):
         lat = jnp.asarray(LATENTS, jnp.float64)
-        ref = _heun(lat, 4097, solver="heun")
-        ns = np.array([16, 32, 64, 128])
-        slopes = {}
-        for solver in ("euler", "heun"):
-            errs = [float(jnp.linalg.norm(_heun(lat, int(n), solver=solver) - ref)) for n in ns]
-            slopes[solver] = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+
+        def errors(lat):  # the reference and all eight runs in one program, one compile
+            ref = _heun(lat, 4097, solver="heun")
+            return {s: [jnp.linalg.norm(_heun(lat, int(n), solver=s) - ref) for n in ns] for s in solvers}
+
+        errs = jax.jit(errors)(lat)
+        slopes = {s: -np.polyfit(np.log(ns), np.log([float(e) for e in errs[s]]), 1)[0] for s in solvers}
     assert 0.9 < slopes["euler"] < 1.15, slopes
     assert 1.85 < slopes["heun"] < 2.3, slopes
 
@@ -117,45 +130,49 @@ def test_gradient_wrt_latents_matches_finite_differences():
         lat = jnp.asarray(LATENTS[:2], jnp.float64)
         v = jax.random.normal(jax.random.key(1), lat.shape, jnp.float64)
         f = lambda l: jnp.sum(jnp.sin(sampling.edm_sampler(MIXTURE.denoise, l, num_steps=6)))
-        g = jax.grad(f)(lat)
         eps = 1e-6
-        fd = (f(lat + eps * v) - f(lat - eps * v)) / (2 * eps)
+        # The gradient and both finite-difference points in one program (one compile, not eager op by op).
+        g, f_plus, f_minus = jax.jit(lambda l, v: (jax.grad(f)(l), f(l + eps * v), f(l - eps * v)))(lat, v)
+        fd = (f_plus - f_minus) / (2 * eps)
         np.testing.assert_allclose(float(jnp.vdot(g, v)), float(fd), rtol=1e-6)
 
 
 def test_vmap_over_an_extra_axis_equals_a_loop():
     stacked = jnp.stack([LATENTS[:4], LATENTS[4:]])
     run = functools.partial(sampling.edm_sampler, MIXTURE.denoise, num_steps=5)
-    out = jax.jit(jax.vmap(run))(stacked)
+    out, looped = jax.jit(lambda s, x: (jax.vmap(run)(s), run(x)))(stacked, LATENTS[4:])  # one compile
     # Float32 rounding only (seen up to 2e-6 relative): XLA:CPU picks its kernels by shape and by the host's
     # vector units, so a vmapped program rounds differently in the last bits. Mixing the two halves would
     # move values by O(1).
-    np.testing.assert_allclose(out[1], jax.jit(run)(LATENTS[4:]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[1], looped, rtol=1e-5, atol=1e-5)
 
 
 STOCH = dict(num_steps=8, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
 
 
 def test_per_image_keys_make_images_independent_of_the_batch():
-    run = jax.jit(lambda lat, keys: sampling.edm_sampler(MIXTURE.denoise, lat, key=keys, **STOCH))
+    run = lambda lat, keys: sampling.edm_sampler(MIXTURE.denoise, lat, key=keys, **STOCH)
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(7), s))(jnp.arange(8))
-    whole = run(LATENTS, keys)
-    parts = jnp.concatenate([run(LATENTS[:3], keys[:3]), run(LATENTS[3:], keys[3:])])
+    # All five runs in one program (one compile); the batches of 8, 3 and 5 are still their own sampler ops.
+    whole, part1, part2, one_key, other = jax.jit(lambda lat, keys, k7, k8: (
+        run(lat, keys), run(lat[:3], keys[:3]), run(lat[3:], keys[3:]), run(lat, k7), run(lat, k8)))(
+        LATENTS, keys, jax.random.key(7), jax.random.key(8))
+    parts = np.concatenate([part1, part2])
     # Equal to float32 rounding: batches of 3, 5 and 8 compile to different kernels, which round differently
     # in the last bits on some hosts (seen: 1.4e-5 relative, CI). Noise shared across the batch, or drawn by
     # position in it, would move these images by O(1) (the key check below: > 1e-3).
     np.testing.assert_allclose(whole, parts, rtol=1e-5, atol=1e-5)
     # One key: image i uses fold_in(key, i), so it equals passing those keys explicitly.
-    np.testing.assert_array_equal(run(LATENTS, jax.random.key(7)), whole)
+    np.testing.assert_array_equal(one_key, whole)
     # The key matters, and the churn noise really is used.
-    other = run(LATENTS, jax.random.key(8))
     assert rel_err(other, whole) > 1e-3
 
 
 def test_noise_overrides_key():
     noise = jax.random.normal(jax.random.key(0), (STOCH["num_steps"], *LATENTS.shape))
-    a = sampling.edm_sampler(MIXTURE.denoise, LATENTS, key=jax.random.key(1), noise=noise, **STOCH)
-    b = sampling.edm_sampler(MIXTURE.denoise, LATENTS, key=jax.random.key(2), noise=noise, **STOCH)
+    run = jax.jit(lambda key, nz: sampling.edm_sampler(MIXTURE.denoise, LATENTS, key=key, noise=nz, **STOCH))
+    a = run(jax.random.key(1), noise)
+    b = run(jax.random.key(2), noise)  # the same program, another key
     np.testing.assert_array_equal(a, b)
 
 
@@ -165,7 +182,7 @@ def test_class_labels_reach_the_denoiser():
     means = jnp.asarray(MIXTURE.means)
     conditional = lambda x, sigma, class_labels: jnp.einsum("nk,k...->n...", class_labels, means)
     labels = jax.nn.one_hot(jnp.array([0, 1, 2, 3, 4, 0, 1, 2]), 5)
-    out = sampling.edm_sampler(conditional, LATENTS, labels, num_steps=12)
+    out = jax.jit(lambda lat, lab: sampling.edm_sampler(conditional, lat, lab, num_steps=12))(LATENTS, labels)
     np.testing.assert_allclose(out, jnp.einsum("nk,k...->n...", labels, means), atol=1e-5)
 
 
