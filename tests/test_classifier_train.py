@@ -2,6 +2,7 @@
 accuracy report checked against a classifier whose answers are known exactly."""
 
 import json
+import logging
 import os
 import sys
 
@@ -41,12 +42,35 @@ def tiny_config():
     return c
 
 
-def test_train_classifier_end_to_end_resume_and_reload(tmp_path, caplog):
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny classifier run, trained once for the module (training compiles the step and the evaluation):
+    its folder, config, accuracy rows and what it logged to the `edm_jax` loggers."""
+    workdir = tmp_path_factory.mktemp("clf")
     config = tiny_config()
-    with caplog.at_level("INFO", logger="edm_jax"):  # the library logs; main.py owns the console
-        rows = classifier_train.train_classifier(config, str(tmp_path))
-    out = caplog.text
-    caplog.clear()
+    logger, handler = logging.getLogger("edm_jax"), _Lines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the library logs; main.py owns the console
+    try:
+        rows = classifier_train.train_classifier(config, str(workdir))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return workdir, config, rows, "\n".join(handler.lines)
+
+
+def test_train_classifier_end_to_end_resume_and_reload(trained, caplog):
+    tmp_path, config, rows, out = trained
     assert "step      3/3" in out and "held-out accuracy per sigma" in out
     assert [r["sigma"] for r in rows] == [0.05, 80.0]
     assert all(0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["cross_entropy"]) for r in rows)
@@ -153,16 +177,12 @@ def test_accuracy_per_sigma_feeds_the_preconditioned_noisy_image():
     assert rows[1]["accuracy"] < 0.7  # pure noise: about chance
 
 
-def test_classifier_guidance_flag_wiring(tmp_path):
+def test_classifier_guidance_flag_wiring(trained):
     """main.py's --classifier path: a trained classifier steers the sampler; scale 0 is the plain sampler."""
     import main
     from edm_jax import generate
 
-    config = tiny_config()
-    config.train.total_steps = 1
-    config.eval.sigmas = (1.0,)
-    config.eval.num_images = 16
-    classifier_train.train_classifier(config, str(tmp_path / "clf"))
+    clf = str(trained[0])  # the module's 3-step classifier (read only here)
     # A 4-class stand-in model over 8×8×3 images: the exact denoiser of unit-Gaussian data (labels unused).
     model = generate.BoundDenoiser(lambda p, x, s, y: p * x / (1 + s[:, None, None, None] ** 2), jnp.float32(1))
     mesh = generate.make_mesh(jax.devices()[:1])
@@ -173,8 +193,8 @@ def test_classifier_guidance_flag_wiring(tmp_path):
         return np.asarray(fn.sample_seeds([0, 1])[0])
 
     plain = images(model)
-    guided = lambda scale: guided_models.with_classifier_guidance(model, 4, str(tmp_path / "clf"), scale)  # noqa: E731
+    guided = lambda scale: guided_models.with_classifier_guidance(model, 4, clf, scale)  # noqa: E731
     np.testing.assert_array_equal(images(guided(0.0)), plain)
     assert np.abs(images(guided(200.0)).astype(int) - plain).max() > 0
     with pytest.raises(ValueError, match="has 4 classes but the model samples 10"):
-        guided_models.with_classifier_guidance(model, 10, str(tmp_path / "clf"), 1.0)
+        guided_models.with_classifier_guidance(model, 10, clf, 1.0)

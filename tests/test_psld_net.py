@@ -2,6 +2,7 @@
 (../shared/fixtures/psld_net.npz), the released checkpoint format (psld_ckpt_small.ckpt, read without torch),
 every full-size preset's names, shapes and parameter counts, refusal of code payloads, and the CLI converter."""
 
+import functools
 import json
 import os
 import pickle
@@ -176,6 +177,7 @@ SPEC_NAMES = {"cifar10_psld_sota_97M": "cifar10_sota", "cifar10_psld_ablation_39
               "cifar10_psld_yaml_default": "yaml_default", "celeba64_psld_sota": "celeba64_sota"}
 
 
+@functools.lru_cache(maxsize=None)  # the spec test and the preset counts build equal modules: trace each once
 def _counts(module):
     shapes = convert.variable_shapes(module)
     total = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
