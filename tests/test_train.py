@@ -35,7 +35,6 @@ B, RES, LABELS = 32, 8, 4
 class TinyNet(nn.Module):
     """A stand-in for SongUNet: same call signature, dropout, class and augmentation conditioning."""
     dropout: float = 0.2
-    explode: bool = False  # multiply the output by 1e30: inf losses and non-finite gradients
 
     @nn.compact
     def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train=False):
@@ -46,8 +45,7 @@ class TinyNet(nn.Module):
             emb = emb + nn.Dense(8)(augment_labels)
         h = nn.silu(nn.Conv(8, (3, 3))(x) + emb[:, None, None, :])
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        out = nn.Conv(x.shape[-1], (3, 3))(h)
-        return out * 1e30 if self.explode else out
+        return nn.Conv(x.shape[-1], (3, 3))(h)
 
 
 def _flat(tree):
@@ -168,21 +166,32 @@ def test_one_device_equals_eight(eight_devices_step):
     assert rel_err(_flat(s8.opt_state.inner_state[0].mu), _flat(s1.opt_state.inner_state[0].mu)) < 1e-5
 
 
-def test_accumulation_equals_full_batch(eight_devices_step):
-    s_full, m_full = eight_devices_step
+@pytest.fixture(scope="module")
+def accumulated_step():
+    """One step with 2 accumulation rounds on 8 devices: its compiled HLO text and its result (one compile
+    serves both tests below)."""
     rounds = train.plan_batch(B, 8, 2)[1]
+    mesh, state, step = _setup(jax.devices(), rounds=rounds)
+    args = (state, train.shard_batch(_batch(), mesh), jax.random.key(42))
+    compiled = step.lower(*args).compile()
+    hlo = compiled.as_text()
+    state, metrics = compiled(*args)
+    return rounds, hlo, jax.device_get(state), jax.device_get(metrics)
+
+
+def test_accumulation_equals_full_batch(eight_devices_step, accumulated_step):
+    s_full, m_full = eight_devices_step
+    rounds, _, s_acc, m_acc = accumulated_step
     assert rounds == 2
-    s_acc, m_acc = _one_step(jax.devices(), rounds=rounds)
     assert m_acc["loss"] == pytest.approx(m_full["loss"], rel=1e-5)
     for get in (lambda s: s.params, lambda s: s.ema, lambda s: s.opt_state.inner_state[0].mu):
         assert rel_err(_flat(get(s_acc)), _flat(get(s_full))) < 1e-5
 
 
-def test_one_gradient_all_reduce_per_step_after_accumulation():
+def test_one_gradient_all_reduce_per_step_after_accumulation(accumulated_step):
     """With R accumulation rounds the devices sum their own gradients locally and all-reduce once, after
     the rounds (as the reference's DDP does), not once per round inside the accumulation loop."""
-    mesh, state, step = _setup(jax.devices(), rounds=4)
-    hlo = step.lower(state, train.shard_batch(_batch(), mesh), jax.random.key(42)).compile().as_text()
+    _, hlo, _, _ = accumulated_step
     computation, where = None, []
     for line in hlo.splitlines():
         if line and not line.startswith(" ") and line.endswith("{"):
@@ -194,7 +203,12 @@ def test_one_gradient_all_reduce_per_step_after_accumulation():
 
 
 def test_nonfinite_gradients_are_replaced():
-    state, metrics = _one_step(jax.devices(), module=TinyNet(explode=True), augment_p=0)
+    """Images of size 1e30 give inf losses and non-finite gradients; run through the very program of
+    `eight_devices_step` (the same network and settings; only the data differ), so no compile of its own."""
+    mesh, state, step = _setup(jax.devices())
+    batch = _batch()
+    batch["images"] = batch["images"] * np.float32(1e30)
+    state, metrics = jax.device_get(step(state, train.shard_batch(batch, mesh), jax.random.key(42)))
     assert not np.isfinite(metrics["loss"])
     assert metrics["nonfinite_grads"] > 0
     assert np.isfinite(_flat(state.params)).all() and np.isfinite(_flat(state.ema)).all()
@@ -279,7 +293,7 @@ config.data.synthetic.update(n=256, resolution=8)
 config.model.update(model_channels=8, channel_mult=(1,), channel_mult_emb=1, attn_resolutions=(), dropout=0.1)
 config.train.update(batch_size=16, total_kimg=0.128, tick_kimg=0.032, snapshot_ticks=2, lr_rampup_kimg=0.04,
                     ema_halflife_kimg=0.05, max_to_keep=2)  # 8 steps; snapshots after steps 1, 4 and 8
-config.sample.num_images = 0  # no sample grids: keeps the test fast
+config.sample.update(num_images=5, num_steps=2, seed=3)  # small grids, checked against --mode=sample's path
 
 if kill_at:  # SIGKILL ourselves when the loop asks for the batch of step `kill_at`
     make = data.batches
@@ -336,9 +350,13 @@ class _BackgroundRuns(threading.Thread):
             self.proc.kill()  # only the child this thread started
 
 
+_NEED_RUNS = ("test_sigkill_and_rerun_matches_uninterrupted_run", "test_sampling_reads_the_training_run",
+              "test_snapshot_grid_cells_are_the_sample_modes_images")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def background_runs(request, tmp_path_factory):
-    if not any(item.name == "test_sigkill_and_rerun_matches_uninterrupted_run" for item in request.session.items):
+    if not any(item.name in _NEED_RUNS for item in request.session.items):
         yield None
         return
     runs = _BackgroundRuns(tmp_path_factory.mktemp("sigkill"))
@@ -420,47 +438,51 @@ def test_configs():
         _load_config("cifar10_edm", "conditional")
 
 
-def test_sampling_reads_the_training_run(background_runs):
-    """--mode=sample's loader finds the newest checkpoint of a training workdir and uses its EMA weights."""
+@pytest.fixture(scope="module")
+def straight_run_sampler(background_runs):
+    """The uninterrupted background run, loaded as --mode=sample loads it, and its sample function with the
+    run's sample section on the run's 2 devices (one compile for the two tests below)."""
     if background_runs is None:
         pytest.skip("needs this module's background training runs (run the whole file)")
     background_runs.join(timeout=600)
     assert background_runs.results and background_runs.results[0][0] == 0, background_runs.results
     from edm_jax import generate
 
-    model = generate.load_model(workdir=str(background_runs.straight))
+    workdir = background_runs.straight
+    config = json.loads((workdir / "config.json").read_text())
+    model = generate.load_model(workdir=str(workdir))
+    overrides = {k: v for k, v in config["sample"].items() if k not in ("num_images", "seed")}
+    sample_fn = generate.make_sample_fn(model.denoise, image_shape=model.image_shape, label_dim=model.label_dim,
+                                        settings=model.process.sampler_settings(**overrides), process=model.process,
+                                        mesh=generate.make_mesh(jax.devices()[:2]))
+    return workdir, config, model, sample_fn
+
+
+def test_sampling_reads_the_training_run(straight_run_sampler):
+    """--mode=sample's loader finds the newest checkpoint of a training workdir and uses its EMA weights."""
+    workdir, _, model, sample_fn = straight_run_sampler
     leaves = jax.tree.leaves(model.denoise.params["params"])
     np.testing.assert_array_equal(np.concatenate([np.ravel(x) for x in leaves]),
-                                  np.load(background_runs.straight / "final_ema.npy"))
+                                  np.load(workdir / "final_ema.npy"))
     assert model.image_shape == (8, 8, 3) and model.label_dim == 4
-    sample_fn = generate.make_sample_fn(model.denoise, image_shape=model.image_shape, label_dim=model.label_dim,
-                                        settings=generate.SamplerSettings(num_steps=2), process=model.process,
-                                        mesh=generate.make_mesh(jax.devices()[:1]))
     images, labels = sample_fn.sample_seeds([0, 1])
     assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8 and labels.shape == (2,)
 
 
-def test_snapshot_grid_cells_are_the_sample_modes_images(tmp_path):
+def test_snapshot_grid_cells_are_the_sample_modes_images(straight_run_sampler, tmp_path):
     """Grid cell s of a training snapshot is what --mode=sample's path (load_model, the sample section's
-    settings, make_sample_fn, generate) writes for seed s of that snapshot, byte for byte."""
+    settings, make_sample_fn, generate) writes for seed s of that snapshot, byte for byte. The snapshot is
+    the background run's last (step 8, the checkpoint load_model finds)."""
     import PIL.Image
 
     from edm_jax import generate
 
-    config = _load_config("quickstart")
-    config.data.synthetic.update(n=64, resolution=8)
-    config.model.update(model_channels=8, channel_mult=(1,), channel_mult_emb=1, attn_resolutions=(), dropout=0.0)
-    config.train.update(batch_size=16, total_kimg=0.016, async_checkpointing=False)  # one step, one snapshot
-    config.sample.update(num_images=5, num_steps=2, seed=3)
-    train.train_and_evaluate(config, str(tmp_path))
-    (grid_path,) = (tmp_path / "samples").glob("samples-*.png")
-    grid = np.asarray(PIL.Image.open(grid_path))
+    workdir, config, _, sample_fn = straight_run_sampler
+    assert config["sample"]["num_images"] == 5 and config["sample"]["seed"] == 3
+    grids = sorted((workdir / "samples").glob("samples-*.png"))
+    assert [p.name.rsplit("-", 1)[1] for p in grids] == ["step0000001.png", "step0000004.png", "step0000008.png"]
+    grid = np.asarray(PIL.Image.open(grids[-1]))
 
-    model = generate.load_model(workdir=str(tmp_path))
-    overrides = {k: v for k, v in config.sample.to_dict().items() if k not in ("num_images", "seed")}
-    sample_fn = generate.make_sample_fn(model.denoise, image_shape=model.image_shape, label_dim=model.label_dim,
-                                        settings=model.process.sampler_settings(**overrides), process=model.process,
-                                        mesh=generate.make_mesh())
     generate.generate(sample_fn, [0, 4], batch=8, outdir=str(tmp_path / "out"), base_seed=3)
     zoom, cols = 8, 3  # 8x8 tiles zoomed to 64 px; 5 images -> 3 columns
     for s in (0, 4):
