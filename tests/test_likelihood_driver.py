@@ -4,7 +4,7 @@
 import jax
 import numpy as np
 import pytest
-from conftest import jit_fast
+from conftest import jit_fast, xla_flags
 from PIL import Image
 
 from edm_jax import evaluate
@@ -120,7 +120,7 @@ def test_likelihood_cli_on_a_psld_checkpoint(tmp_path):
            "--steps=3", f"--out={out}"]
     # XLA's CPU optimisation off (as jit_fast): 33 s of CPU instead of 53 s for this tiny program.
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+               XLA_FLAGS=xla_flags(1))
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(out.read_text())

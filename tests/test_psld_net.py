@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES, load_fixture, rel_err
+from conftest import FIXTURES, load_fixture, rel_err, xla_flags
 from test_torch_pickle import _Reduce
 
 from edm_jax import convert, generate, torch_pickle
@@ -315,7 +315,7 @@ def test_sample_cli_straight_from_the_small_checkpoint(tmp_path, fx):
     cmd = [sys.executable, os.path.join(REPO, "main.py"), "--mode=sample", f"--checkpoint={CKPT}",
            f"--config={_small_config(tmp_path, fx)}", "--seeds=0-1", "--batch=2", "--sampler=em", "--steps=3",
            "--stride=quadratic", f"--outdir={outdir}", "--nosubdirs"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sampler='em', num_steps=3, stride='quadratic'" in done.stdout, done.stdout[-2000:]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import rel_err, xla_flags
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -329,7 +329,7 @@ class _BackgroundRuns(threading.Thread):
         script = self.tmp / "run.py"
         script.write_text(_RUN_SCRIPT)
         env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+                   XLA_FLAGS=xla_flags(2),
                    JAX_COMPILATION_CACHE_DIR=str(self.tmp / "xla_cache"),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
         self.proc = subprocess.Popen([sys.executable, str(script), str(repo), str(workdir), str(kill_at)], env=env,
