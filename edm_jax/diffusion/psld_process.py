@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from edm_jax.diffusion import likelihood, psld_samplers
 from edm_jax.diffusion.psld import PhaseSpaceSDE, VPSDE, _bc, _split
-from edm_jax.diffusion.psld_loss import psld_loss, vpsde_loss
+from edm_jax.diffusion.psld_loss import psld_loss, train_times, vpsde_loss
 from edm_jax.diffusion.rng import per_example_keys
 
 __all__ = ["PSLDSamplerSettings", "PSLDProcess", "psld_process", "gaussian_data_eps", "PSLD_SAMPLERS"]
@@ -173,8 +173,7 @@ class PSLDProcess:
         """(z_t, t [N]) with t ~ U(ε_train, T) and the HSM kernel: the state a noise-aware classifier sees."""
         n = images.shape[0]
         keys = per_example_keys(key, n)
-        t = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), ()))(keys)
-        t = t * (self.sde.T - self.sde.train_eps) + self.sde.train_eps
+        t = train_times(self.sde, jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), ()))(keys))
         eps_c = 2 * images.shape[-1] if self.phase_space else images.shape[-1]
         eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), (*images.shape[1:-1], eps_c)))(keys)
         return self.sde.perturb(jnp.asarray(images, jnp.float32), t, eps)[0], t
