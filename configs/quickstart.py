@@ -8,7 +8,8 @@ images of four shapes (disc, square, ring, stripes: `edm_jax.data.synthetic_data
 SongUNet, no augmentation, short ramps, 1000 steps of batch 32 (32 kimg).
 
 Expected (measured on 2 quiet CPU cores): 2m26s wall in all, of which ~26 s is compilation (step,
-sampler; 2m02s when the persistent compilation cache already holds them); then ~325 img/s; the loss goes 1.36 -> 0.23. The final grid runs/quickstart/samples/
+sampler; 2m02s when the persistent compilation cache already holds them); then ~325 img/s; the loss goes
+1.36 -> 0.23. The final grid runs/quickstart/samples/
 samples-000032kimg-step0001000.png (8x8: seeds 0-63, each seed's class drawn as --mode=sample draws it, so
 cell s is `--mode=sample --seeds=s` of that snapshot) shows bright shapes on dark backgrounds: discs,
 squares, rings (some still open, C-shaped) and clean horizontal or vertical stripes;

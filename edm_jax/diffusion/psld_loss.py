@@ -57,8 +57,8 @@ def psld_loss(eps_fn, images, labels=None, *, sde: PhaseSpaceSDE, key=None, t_un
     """(target − ε_θ(z_t, t))², per element [N, H, W, C_out] (or its mean/sum, the reference's reductions).
 
     eps_fn(z [N, H, W, 2C], t [N], labels) → ε̂ with the channels of `sde.network_channels`. images
-    [N, H, W, C]. t = u(T − ε_train) + ε_train, or log-normal (`train_times`). HSM: m₀ integrated out (kernel Σ₀ = diag(0, κM)); DSM:
-    m₀ = √(κM) n. The target is ε, or its m (x) block for the reduced modes.
+    [N, H, W, C]. t = u(T − ε_train) + ε_train, or log-normal (`train_times`). HSM: m₀ integrated out
+    (kernel Σ₀ = diag(0, κM)); DSM: m₀ = √(κM) n. The target is ε, or its m (x) block for the reduced modes.
     """
     if key is not None:
         t_uniform, m0_noise, eps = draw_psld_loss_randomness(key, images)
