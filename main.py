@@ -22,8 +22,13 @@ import pickle
 import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from edm_jax import host_memory
+
+# First, before any library starts a thread: on a CPU, reuse XLA's per-call scratch memory (host_memory.py).
+host_memory.keep_freed_memory()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 MODES = ("train", "sample", "eval", "likelihood", "convert", "train_classifier")

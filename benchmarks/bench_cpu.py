@@ -10,7 +10,8 @@ process (preconditioning of Eq. 7, loss of Eq. 8). One JSON line per measurement
   train         the jitted train step at batch 32 (EDM loss + backward + Adam, and our EMA), img/s
   forward       D(x; σ) at batch 64, img/s (2·iters calls)
   sample_nfe35  edm_sampler, 18 Heun steps (NFE 35), batch 64, img/s (max(3, iters/4) calls)
-plus `compile_s`, the seconds XLA took to compile that program. `--threads` sets XLA's intra-op thread
+plus `compile_s`, the seconds XLA took to compile that program, and `keep_freed_memory` (edm_jax/host_memory.py,
+which main.py applies too; `EDM_JAX_HOST_MALLOC=off` for the comparison without it). `--threads` sets XLA's intra-op thread
 pool (the reference sets `torch.set_num_threads`); it must be given before JAX starts, hence the flag here.
 """
 
@@ -37,6 +38,9 @@ if ARGS is not None:  # before JAX reads its flags
                                f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={ARGS.threads}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from edm_jax import host_memory  # noqa: E402
+
+HOST_MALLOC = host_memory.keep_freed_memory() if ARGS is not None else None  # as main.py does, before JAX starts
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -91,7 +95,7 @@ def setup(batch_train=32, batch_sample=64):
 
 def main(args):
     module, process, mesh, tx, state, batch, latents, labels = setup()
-    base = {"impl": "edm-jax", "threads": args.threads, "jax": jax.__version__}
+    base = {"impl": "edm-jax", "threads": args.threads, "jax": jax.__version__, "keep_freed_memory": HOST_MALLOC}
     only = set(args.only.split(","))
     if "train" in only:
         step = train.compile_train_step(train.make_train_step(
