@@ -20,6 +20,11 @@ def xla_flags(devices: int) -> str:
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# glibc's defaults, not main.py's single never-trimmed heap (edm_jax/host_memory.py): that setting pays off in a
+# long run's steady state, but the suite is mostly compiling, whose threads then contend for the one arena.
+# Measured on tests/test_main.py, cold cache, alternated: 91 and 94 s off against 100 and 100 s on.
+# tests/test_host_memory.py sets it explicitly in its own processes.
+os.environ.setdefault("EDM_JAX_HOST_MALLOC", "off")
 
 import json
 import pathlib
