@@ -190,12 +190,29 @@ class GroupNorm(nn.Module):
         groups = min(self.num_groups, c // self.min_channels_per_group)
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        xg = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, c // groups)
-        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)  # all spatial positions and the group's channels
-        mean = xg.mean(axes, keepdims=True)
-        var = jnp.square(xg - mean).mean(axes, keepdims=True)  # biased, as torch.group_norm
-        y = ((xg - mean) * lax.rsqrt(var + self.eps)).reshape(x.shape)
+        x32 = x.astype(jnp.float32)
+        mean = _group_mean(x32, groups)
+        centred = x32 - mean
+        var = _group_mean(jnp.square(centred), groups)  # two passes and biased, as torch.group_norm
+        y = centred * lax.rsqrt(var + self.eps)
         return (y * scale + bias).astype(self.dtype)
+
+
+def _group_mean(x, groups):
+    """Mean of `x` [N, *spatial, C] over its spatial positions and each group's C/G channels, broadcast back
+    to every channel of the group: [N, 1, ..., 1, C].
+
+    Summed over the spatial axes first (channels kept innermost), then over each group's channels: the same
+    sum as one reduction over [N, *spatial, G, C/G], which XLA:CPU runs slowly because it also reduces the
+    innermost axis (batch 64 at 16x16x16: the GroupNorm forward 0.9 -> 0.5 ms, its gradient 8 -> 5 ms). The
+    summation order moves results by rounding only (~1e-6).
+    """
+    n, c = x.shape[0], x.shape[-1]
+    spatial = tuple(range(1, x.ndim - 1))
+    count = np.prod([x.shape[a] for a in spatial]) * (c // groups)
+    sums = x.sum(spatial).reshape(n, groups, c // groups).sum(-1, keepdims=True)  # [N, G, 1]
+    means = jnp.broadcast_to(sums / count, (n, groups, c // groups)).reshape(n, c)
+    return means.reshape(n, *(1,) * len(spatial), c)
 
 
 def attention(qkv, num_heads):
