@@ -211,8 +211,7 @@ def _group_mean(x, groups):
     spatial = tuple(range(1, x.ndim - 1))
     count = np.prod([x.shape[a] for a in spatial]) * (c // groups)
     sums = x.sum(spatial).reshape(n, groups, c // groups).sum(-1, keepdims=True)  # [N, G, 1]
-    means = jnp.broadcast_to(sums / count, (n, groups, c // groups)).reshape(n, c)
-    return means.reshape(n, *(1,) * len(spatial), c)
+    return jnp.broadcast_to(sums / count, (n, groups, c // groups)).reshape(n, *(1,) * len(spatial), c)
 
 
 def attention(qkv, num_heads):
