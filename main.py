@@ -103,6 +103,10 @@ flags.DEFINE_string("compilation_cache", None, "Folder of JAX's persistent compi
                     "nothing the first compiled); default $EDM_JAX_COMPILATION_CACHE or ~/.cache/edm-jax/xla; "
                     "'off' turns it off.")
 flags.DEFINE_string("out", None, "JSON summary; default <outdir or workdir>/likelihood.json.")
+flags.DEFINE_string("cpu_devices", "auto", "On a CPU: split the host into this many JAX devices, the batch sharded "
+                    "over them as over GPUs (edm_jax/cpu_devices.py; all cores then compute). auto: the largest power "
+                    "of two up to the usable cores (and 8) that divides the training batch; one per process in a "
+                    "multi-process run. $XLA_FLAGS' --xla_force_host_platform_device_count wins.")
 
 
 def config_name(config_arg: str | None) -> str:
@@ -394,6 +398,23 @@ class _OwnInfoOnly(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or record.name == "edm_jax" or record.name.startswith("edm_jax.")
 
 
+def _split_cpu() -> None:
+    """--cpu_devices on CPU runs (edm_jax/cpu_devices.py); before anything starts a JAX backend."""
+    from edm_jax import cpu_devices, distributed
+
+    if not host_memory.runs_on_cpu():
+        return
+    if FLAGS.cpu_devices.strip().lower() == "auto" and distributed.requested():
+        return  # processes sharing a host would oversubscribe its cores; say a count to split each
+    batch = None  # training shards a fixed batch: auto picks a count that divides it
+    if FLAGS.mode in ("train", "train_classifier") and FLAGS["config"].present:
+        batch = getattr(FLAGS.config.get("train", None), "batch_size", None)
+    try:
+        cpu_devices.split_host(cpu_devices.choose(FLAGS.cpu_devices, cpu_devices.usable_cores(), batch))
+    except ValueError as e:
+        _fail(str(e))
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --mode=train")
@@ -403,6 +424,7 @@ def main(argv):
     from edm_jax import compile_cache
 
     compile_cache.enable(FLAGS.compilation_cache)
+    _split_cpu()
     config_arg = _config_arg()
     workdir = FLAGS.workdir or os.path.join("runs", config_name(config_arg))
 

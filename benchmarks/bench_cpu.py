@@ -10,7 +10,9 @@ process (preconditioning of Eq. 7, loss of Eq. 8). One JSON line per measurement
   train         the jitted train step at batch 32 (EDM loss + backward + Adam, and our EMA), img/s
   forward       D(x; σ) at batch 64, img/s (2·iters calls)
   sample_nfe35  edm_sampler, 18 Heun steps (NFE 35), batch 64, img/s (max(3, iters/4) calls)
-plus `compile_s`, the seconds XLA took to compile that program, and `keep_freed_memory` (edm_jax/host_memory.py,
+plus `devices`, the JAX CPU devices the host was split into (`--cpu_devices`, default auto as in main.py:
+edm_jax/cpu_devices.py; every batch is sharded over them), `compile_s`, the seconds XLA took to compile that
+program, and `keep_freed_memory` (edm_jax/host_memory.py,
 which main.py applies too; `EDM_JAX_HOST_MALLOC=off` for the comparison without it). `--threads` is passed to
 XLA as `intra_op_parallelism_threads` (the reference sets `torch.set_num_threads`), but jax 0.10's XLA:CPU
 ignores it: 1, 2 and 3 gave the same train step (195-201 ms, 2026-12-02); XLA uses every core of the machine.
@@ -30,6 +32,8 @@ def _parse():
     ap.add_argument("--threads", type=int, default=2, help="XLA CPU intra-op threads (as torch.set_num_threads)")
     ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--only", default="train,forward,sample_nfe35", help="comma-separated subset to time")
+    ap.add_argument("--cpu_devices", default="auto", help="JAX CPU devices to split the host into, the batches "
+                    "sharded over them (edm_jax/cpu_devices.py, as main.py does); 1 for one device")
     return ap.parse_args()
 
 
@@ -39,9 +43,11 @@ if ARGS is not None:  # before JAX reads its flags
                                f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={ARGS.threads}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from edm_jax import host_memory  # noqa: E402
+from edm_jax import cpu_devices, host_memory  # noqa: E402
 
 HOST_MALLOC = host_memory.keep_freed_memory() if ARGS is not None else None  # as main.py does, before JAX starts
+DEVICES = (cpu_devices.split_host(cpu_devices.choose(ARGS.cpu_devices, cpu_devices.usable_cores(), 32))
+           if ARGS is not None else None)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -89,14 +95,17 @@ def setup(batch_train=32, batch_sample=64):
     batch = train.shard_batch({
         "images": jax.random.uniform(k1, (batch_train, RES, RES, CHANNELS), minval=-1, maxval=1),
         "labels": jax.nn.one_hot(jax.random.randint(k2, (batch_train,), 0, CLASSES), CLASSES)}, mesh)
-    latents = jax.random.normal(k3, (batch_sample, RES, RES, CHANNELS))
-    labels = jax.nn.one_hot(jax.random.randint(k4, (batch_sample,), 0, CLASSES), CLASSES)
+    sampled = train.shard_batch({  # sharded over the devices as generate() shards its batches
+        "latents": jax.random.normal(k3, (batch_sample, RES, RES, CHANNELS)),
+        "labels": jax.nn.one_hot(jax.random.randint(k4, (batch_sample,), 0, CLASSES), CLASSES)}, mesh)
+    latents, labels = sampled["latents"], sampled["labels"]
     return module, process, mesh, tx, state, batch, latents, labels
 
 
 def main(args):
     module, process, mesh, tx, state, batch, latents, labels = setup()
-    base = {"impl": "edm-jax", "threads": args.threads, "jax": jax.__version__, "keep_freed_memory": HOST_MALLOC}
+    base = {"impl": "edm-jax", "threads": args.threads, "jax": jax.__version__, "keep_freed_memory": HOST_MALLOC,
+            "devices": jax.device_count()}
     only = set(args.only.split(","))
     if "train" in only:
         step = train.compile_train_step(train.make_train_step(
@@ -117,7 +126,7 @@ def main(args):
     denoise = process.model(module.apply)
     variables = state.variables()
     if "forward" in only:
-        sigma = jnp.ones((64,), jnp.float32)
+        sigma = train.shard_batch({"sigma": jnp.ones((64,), jnp.float32)}, mesh)["sigma"]
         fwd, compile_s = compiled(jax.jit(denoise), variables, latents, sigma, labels)
         rate = median_rate(lambda: fwd(variables, latents, sigma, labels), 64, 2 * args.iters)
         print(json.dumps({**base, "what": "forward", "batch": 64, "img_per_s": rate, "compile_s": compile_s}),
