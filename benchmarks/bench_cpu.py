@@ -46,8 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from edm_jax import cpu_devices, host_memory  # noqa: E402
 
 HOST_MALLOC = host_memory.keep_freed_memory() if ARGS is not None else None  # as main.py does, before JAX starts
-DEVICES = (cpu_devices.split_host(cpu_devices.choose(ARGS.cpu_devices, cpu_devices.usable_cores(), 32))
-           if ARGS is not None else None)
+if ARGS is not None:  # as main.py does, before JAX starts; `devices` in the output says what it made
+    cpu_devices.split_host(cpu_devices.choose(ARGS.cpu_devices, cpu_devices.usable_cores(), 32))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -83,11 +83,12 @@ def compiled(fn, *args):
     return exe, round(time.perf_counter() - t0, 2)
 
 
-def setup(batch_train=32, batch_sample=64):
-    """The network, its EDM process, a train state, and the batches both benchmarks use (fixed keys)."""
+def setup(batch_train=32, batch_sample=64, mesh=None):
+    """The network, its EDM process, a train state, and the batches both benchmarks use (fixed keys), on `mesh`
+    (default: all devices)."""
     module = SongUNet(**NET)
     process = sigma_process("edm")
-    mesh = train.make_mesh()
+    mesh = train.make_mesh() if mesh is None else mesh
     tx = train.make_optimizer(1e-3)
     state = train.create_train_state(jax.random.key(0), module, (RES, RES, CHANNELS), CLASSES, 0, tx, mesh=mesh,
                                      compiler_options={"xla_backend_optimization_level": 0})

@@ -42,9 +42,8 @@ from edm_jax.diffusion import sampling  # noqa: E402
 
 def build(what, devices):
     """(call, batch) of `what` on a mesh of `devices`; `call()` runs the compiled program once."""
-    mesh = Mesh(np.array(devices), ("data",))
-    train.make_mesh = lambda: mesh  # bench_cpu.setup() builds its state and batches on this mesh
-    module, process, mesh, tx, state, batch, latents, labels = bench_cpu.setup()
+    module, process, mesh, tx, state, batch, latents, labels = bench_cpu.setup(
+        mesh=Mesh(np.array(devices), ("data",)))
     if what == "train":
         step = train.compile_train_step(train.make_train_step(
             apply_fn=module.apply, process=process, tx=tx, global_batch=32, base_lr=1e-3, lr_rampup_img=1.0,

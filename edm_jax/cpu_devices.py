@@ -4,8 +4,8 @@ XLA:CPU runs a program on one device as a sequence of kernels, each spread over 
 pool. This network's kernels are small (16-256 channels, 8x8-32x32 images), so one device keeps a 2-core machine
 only ~1.2 cores busy (`/usr/bin/time` of the quickstart: 120 % CPU). Given N CPU devices, the drivers shard
 the batch over them exactly as over N GPUs (jit + NamedSharding), and N programs run side by side. Measured on 2
-cores (2026-12-03, benchmarks/README.md): the denoiser's forward at batch 64 ~550 -> ~1300 img/s, the train step
-at batch 32 ~180 -> ~240 img/s. Results do not depend on the device count (the drivers' invariance, tested).
+cores, alternated call by call (2026-12-03, benchmarks/cpu_devices_ab.py): the denoiser's forward at batch 64
+662 -> 927 img/s, the NFE-35 sampler 14.3 -> 23.4, the train step at batch 32 184 -> 204. Results do not depend on the device count (the drivers' invariance, tested).
 
 `choose()` picks the count, `split_host()` applies it before JAX starts its backend. main.py does both on CPU runs
 (`--cpu_devices`, default auto); an explicit `--xla_force_host_platform_device_count` in $XLA_FLAGS or
