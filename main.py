@@ -407,7 +407,9 @@ def _split_cpu() -> None:
     if FLAGS.cpu_devices.strip().lower() == "auto" and distributed.requested():
         return  # processes sharing a host would oversubscribe its cores; say a count to split each
     batch = None  # training shards a fixed batch: auto picks a count that divides it
-    if FLAGS.mode in ("train", "train_classifier") and FLAGS["config"].present:
+    config_arg = _config_arg()
+    # A missing file is main()'s one-sentence error; reading FLAGS.config here would raise it as a traceback.
+    if FLAGS.mode in ("train", "train_classifier") and config_arg and os.path.isfile(config_arg.partition(":")[0]):
         batch = getattr(FLAGS.config.get("train", None), "batch_size", None)
     try:
         cpu_devices.split_host(cpu_devices.choose(FLAGS.cpu_devices, cpu_devices.usable_cores(), batch))
