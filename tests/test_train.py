@@ -202,6 +202,35 @@ def test_one_gradient_all_reduce_per_step_after_accumulation(accumulated_step):
     assert all(c.startswith("ENTRY") for c in where), where
 
 
+def test_network_without_dropout_is_called_on_the_whole_batch():
+    """A network that draws no randomness is called once on the batch (faster); it gives what the
+    per-example vmap gives, values and gradients, and one that draws dropout keeps the per-example path."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(B, RES, RES, 3)), jnp.float32)
+    c = jnp.asarray(rng.normal(size=(B,)), jnp.float32)
+    labels = jnp.asarray(_batch()["labels"])
+    keys = jax.random.split(jax.random.key(5), B)
+    for dropout, draws in ((0.0, False), (0.2, True)):
+        module = TinyNet(dropout=dropout)
+        variables = module.init(jax.random.key(0), x[:1], c[:1], labels[:1])
+        assert train._draws_randomness(module.apply, variables, x, c, labels, None) is draws
+    module = TinyNet(dropout=0.0)
+    variables = module.init(jax.random.key(0), x[:1], c[:1], labels[:1])
+    net = train._per_example_net(module.apply)
+    one = lambda v, x1, c1, l1: module.apply(v, x1[None], c1[None], l1[None], train=True)[0]  # noqa: E731
+    by_example = lambda v: jax.vmap(one, in_axes=(None, 0, 0, 0))(v, x, c, labels)  # noqa: E731
+    batched = lambda v: net(v, x, c, labels, None, keys)  # noqa: E731
+    assert rel_err(np.asarray(batched(variables)), np.asarray(by_example(variables))) < 1e-6
+    grad = lambda f: _flat(jax.grad(lambda v: jnp.sum(f(v) ** 2))(variables))  # noqa: E731
+    assert rel_err(grad(batched), grad(by_example)) < 1e-5
+    # With dropout the masks differ per example key: example 0 alone with its key equals example 0 in the batch.
+    module = TinyNet(dropout=0.5)
+    net = train._per_example_net(module.apply)
+    full = net(variables, x, c, labels, None, keys)
+    alone = net(variables, x[:1], c[:1], labels[:1], None, keys[:1])
+    np.testing.assert_allclose(np.asarray(full[:1]), np.asarray(alone), rtol=1e-6, atol=1e-6)
+
+
 def test_nonfinite_gradients_are_replaced():
     """Images of size 1e30 give inf losses and non-finite gradients; run through the very program of
     `eight_devices_step` (the same network and settings; only the data differ), so no compile of its own."""
