@@ -123,6 +123,11 @@ def _config_arg() -> str | None:
     return FLAGS["config"].config_filename if FLAGS["config"].present else None
 
 
+def _config_file_missing(config_arg: str) -> bool:
+    """Whether the file part of a --config=path[:arg] argument does not exist."""
+    return not os.path.isfile(config_arg.partition(":")[0])
+
+
 def _config_field_error(config, dotted: str, config_arg: str) -> str | None:
     """One sentence for a --config.<dotted> override naming no field of `config` (loaded from `config_arg`),
     with the closest names (difflib) of the section it points into; None when the field exists."""
@@ -409,7 +414,7 @@ def _split_cpu() -> None:
     batch = None  # training shards a fixed batch: auto picks a count that divides it
     config_arg = _config_arg()
     # A missing file is main()'s one-sentence error; reading FLAGS.config here would raise it as a traceback.
-    if FLAGS.mode in ("train", "train_classifier") and config_arg and os.path.isfile(config_arg.partition(":")[0]):
+    if FLAGS.mode in ("train", "train_classifier") and config_arg and not _config_file_missing(config_arg):
         batch = getattr(FLAGS.config.get("train", None), "batch_size", None)
     try:
         cpu_devices.split_host(cpu_devices.choose(FLAGS.cpu_devices, cpu_devices.usable_cores(), batch))
@@ -466,7 +471,7 @@ def main(argv):
 
     if config_arg is None:
         _fail(f"--mode={FLAGS.mode} needs --config=configs/<name>.py (see configs/)")
-    if not os.path.isfile(config_arg.partition(":")[0]):
+    if _config_file_missing(config_arg):
         _fail(f"config file {config_arg.partition(':')[0]} not found; the presets live in configs/")
     std_logging.getLogger("edm_jax").info("mode=%s config=%s workdir=%s", FLAGS.mode, config_arg, workdir)
 
