@@ -103,41 +103,50 @@ def setup(batch_train=32, batch_sample=64, mesh=None):
     return module, process, mesh, tx, state, batch, latents, labels
 
 
-def main(args):
-    module, process, mesh, tx, state, batch, latents, labels = setup()
-    base = {"impl": "edm-jax", "threads": args.threads, "jax": jax.__version__, "keep_freed_memory": HOST_MALLOC,
-            "devices": jax.device_count()}
-    only = set(args.only.split(","))
-    if "train" in only:
+def build(what, parts):
+    """(call, batch, compile seconds) of one program on the mesh of `parts` (what `setup()` returns); `call()`
+    runs it once. The train step runs on a copy of the state (it donates its state), so `parts` stay usable."""
+    module, process, mesh, tx, state, batch, latents, labels = parts
+    if what == "train":
         step = train.compile_train_step(train.make_train_step(
             apply_fn=module.apply, process=process, tx=tx, global_batch=32, base_lr=1e-3, lr_rampup_img=1.0,
             mesh=mesh), mesh)
-        key = jax.random.key(2)
-        step, compile_s = compiled(step, state, batch, key)
-        holder = [state]
+        key, holder = jax.random.key(2), [jax.tree.map(jnp.copy, state)]
+        exe, compile_s = compiled(step, holder[0], batch, key)
 
         def one_step():
-            holder[0], metrics = step(holder[0], batch, key)
+            holder[0], metrics = exe(holder[0], batch, key)
             return metrics
-
-        rate = median_rate(one_step, 32, args.iters)
-        print(json.dumps({**base, "what": "train", "batch": 32, "img_per_s": rate, "compile_s": compile_s}),
-              flush=True)
-        state = holder[0]  # the step donated the state it was given
-    denoise = process.model(module.apply)
-    variables = state.variables()
-    if "forward" in only:
+        return one_step, 32, compile_s
+    denoise, variables = process.model(module.apply), state.variables()
+    if what == "forward":
         sigma = train.shard_batch({"sigma": jnp.ones((64,), jnp.float32)}, mesh)["sigma"]
-        fwd, compile_s = compiled(jax.jit(denoise), variables, latents, sigma, labels)
-        rate = median_rate(lambda: fwd(variables, latents, sigma, labels), 64, 2 * args.iters)
-        print(json.dumps({**base, "what": "forward", "batch": 64, "img_per_s": rate, "compile_s": compile_s}),
-              flush=True)
-    if "sample_nfe35" in only:
+        exe, compile_s = compiled(jax.jit(denoise), variables, latents, sigma, labels)
+        return (lambda: exe(variables, latents, sigma, labels)), 64, compile_s
+    if what == "sample_nfe35":
         run = jax.jit(lambda v, z, c: sampling.edm_sampler(lambda x, s, cl: denoise(v, x, s, cl), z, c, num_steps=18))
-        sample, compile_s = compiled(run, variables, latents, labels)
-        rate = median_rate(lambda: sample(variables, latents, labels), 64, max(3, args.iters // 4))
-        print(json.dumps({**base, "what": "sample_nfe35", "batch": 64, "img_per_s": rate, "compile_s": compile_s}),
-              flush=True)
+        exe, compile_s = compiled(run, variables, latents, labels)
+        return (lambda: exe(variables, latents, labels)), 64, compile_s
+    raise ValueError(f"unknown program {what!r}; choose from {', '.join(PROGRAMS)}")
+
+
+PROGRAMS = ("train", "forward", "sample_nfe35")
+
+
+def main(args):
+    parts = setup()
+    base = {"impl": "edm-jax", "threads": args.threads, "jax": jax.__version__, "keep_freed_memory": HOST_MALLOC,
+            "devices": jax.device_count()}
+    calls = {"train": args.iters, "forward": 2 * args.iters, "sample_nfe35": max(3, args.iters // 4)}
+    only = args.only.split(",")
+    if set(only) - set(PROGRAMS):
+        raise SystemExit(f"--only={args.only}: choose from {', '.join(PROGRAMS)}")
+    for what in PROGRAMS:
+        if what in only:
+            call, batch, compile_s = build(what, parts)
+            rate = median_rate(call, batch, calls[what])
+            print(json.dumps({**base, "what": what, "batch": batch, "img_per_s": rate, "compile_s": compile_s}),
+                  flush=True)
 
 
 if __name__ == "__main__":

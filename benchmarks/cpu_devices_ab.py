@@ -6,7 +6,9 @@ The work is bench_cpu.py's (the quickstart's network: train step at batch 32, fo
 batch 64, float32). The process makes N CPU devices and builds each program twice, on a mesh of the first
 device alone and on all N; then it calls the two in turn, `rounds` times each, so that the machine's drift
 (±30 % over minutes on a shared 2-core VM) falls on both alike. Prints one JSON line per program: the median
-img/s of each and the median of the per-round time ratios.
+img/s of each and the median of the per-round time ratios. Read them as an upper bound: the one device
+idles N-1 others in the same process, which seemed to slow it (benchmarks/README.md, 2026-12-03 13:02);
+cpu_side_by_side.py, one process per count, is the measure of the split.
 """
 
 from __future__ import annotations
@@ -32,37 +34,15 @@ cpu_devices.split_host(ARGS.devices)
 import bench_cpu  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh  # noqa: E402
 
 from edm_jax import train  # noqa: E402
-from edm_jax.diffusion import sampling  # noqa: E402
 
 
 def build(what, devices):
-    """(call, batch) of `what` on a mesh of `devices`; `call()` runs the compiled program once."""
-    module, process, mesh, tx, state, batch, latents, labels = bench_cpu.setup(
-        mesh=Mesh(np.array(devices), ("data",)))
-    if what == "train":
-        step = train.compile_train_step(train.make_train_step(
-            apply_fn=module.apply, process=process, tx=tx, global_batch=32, base_lr=1e-3, lr_rampup_img=1.0,
-            mesh=mesh), mesh)
-        key = jax.random.key(2)
-        exe, holder = step.lower(state, batch, key).compile(), [state]
-
-        def call():
-            holder[0], metrics = exe(holder[0], batch, key)
-            return metrics
-        return call, 32
-    denoise, variables = process.model(module.apply), state.variables()
-    if what == "forward":
-        sigma = train.shard_batch({"sigma": jnp.ones((64,), jnp.float32)}, mesh)["sigma"]
-        exe = jax.jit(denoise).lower(variables, latents, sigma, labels).compile()
-        return (lambda: exe(variables, latents, sigma, labels)), 64
-    run = jax.jit(lambda v, z, c: sampling.edm_sampler(lambda x, s, cl: denoise(v, x, s, cl), z, c, num_steps=18))
-    exe = run.lower(variables, latents, labels).compile()
-    return (lambda: exe(variables, latents, labels)), 64
+    """(call, batch) of bench_cpu.py's program `what` on a mesh of `devices`; `call()` runs it once."""
+    call, batch, _ = bench_cpu.build(what, bench_cpu.setup(mesh=train.make_mesh(devices)))
+    return call, batch
 
 
 def main():
