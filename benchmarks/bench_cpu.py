@@ -76,10 +76,10 @@ def median_rate(fn, batch, n):
     return round(batch / times[len(times) // 2], 2)
 
 
-def compiled(fn, *args):
-    """(executable, compile seconds) of `jax.jit`-ed `fn` for `args`."""
+def compiled(fn, *args, options=None):
+    """(executable, compile seconds) of `jax.jit`-ed `fn` for `args`; `options`: XLA compile options or None."""
     t0 = time.perf_counter()
-    exe = fn.lower(*args).compile()
+    exe = fn.lower(*args).compile(options)
     return exe, round(time.perf_counter() - t0, 2)
 
 
@@ -103,16 +103,17 @@ def setup(batch_train=32, batch_sample=64, mesh=None):
     return module, process, mesh, tx, state, batch, latents, labels
 
 
-def build(what, parts):
-    """(call, batch, compile seconds) of one program on the mesh of `parts` (what `setup()` returns); `call()`
-    runs it once. The train step runs on a copy of the state (it donates its state), so `parts` stay usable."""
+def build(what, parts, options=None):
+    """(call, batch, compile seconds) of one program on the mesh of `parts` (what `setup()` returns), compiled
+    with XLA compile `options` (None: XLA's defaults); `call()` runs it once. The train step runs on a copy of
+    the state (it donates its state), so `parts` stay usable."""
     module, process, mesh, tx, state, batch, latents, labels = parts
     if what == "train":
         step = train.compile_train_step(train.make_train_step(
             apply_fn=module.apply, process=process, tx=tx, global_batch=32, base_lr=1e-3, lr_rampup_img=1.0,
             mesh=mesh), mesh)
         key, holder = jax.random.key(2), [jax.tree.map(jnp.copy, state)]
-        exe, compile_s = compiled(step, holder[0], batch, key)
+        exe, compile_s = compiled(step, holder[0], batch, key, options=options)
 
         def one_step():
             holder[0], metrics = exe(holder[0], batch, key)
@@ -121,11 +122,11 @@ def build(what, parts):
     denoise, variables = process.model(module.apply), state.variables()
     if what == "forward":
         sigma = train.shard_batch({"sigma": jnp.ones((64,), jnp.float32)}, mesh)["sigma"]
-        exe, compile_s = compiled(jax.jit(denoise), variables, latents, sigma, labels)
+        exe, compile_s = compiled(jax.jit(denoise), variables, latents, sigma, labels, options=options)
         return (lambda: exe(variables, latents, sigma, labels)), 64, compile_s
     if what == "sample_nfe35":
         run = jax.jit(lambda v, z, c: sampling.edm_sampler(lambda x, s, cl: denoise(v, x, s, cl), z, c, num_steps=18))
-        exe, compile_s = compiled(run, variables, latents, labels)
+        exe, compile_s = compiled(run, variables, latents, labels, options=options)
         return (lambda: exe(variables, latents, labels)), 64, compile_s
     raise ValueError(f"unknown program {what!r}; choose from {', '.join(PROGRAMS)}")
 
