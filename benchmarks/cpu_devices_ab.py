@@ -58,9 +58,10 @@ def arms():
 
 
 def main():
-    names = list(arms())
+    chosen = arms()
+    names = list(chosen)
     for what in ARGS.only.split(","):
-        calls = {name: build(what, *arm) for name, arm in arms().items()}
+        calls = {name: build(what, *arm) for name, arm in chosen.items()}
         first = {name: jax.block_until_ready(call()) for name, (call, _, _) in calls.items()}  # untimed: allocations
         times = {name: [] for name in names}
         for r in range(ARGS.rounds):
